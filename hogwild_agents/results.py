@@ -1,0 +1,66 @@
+"""What a run reports: per-step records and the final result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FinishReason = str  # "stop" (EOS or a stop string), "length" (a token budget or the context), "answer"
+
+
+@dataclass
+class StepRecord:
+    """One lockstep step: what each worker saw and chose.
+
+    Attributes:
+        index: step number, from 0.
+        logits: worker -> next-token logits [vocab] (fp32) for every worker that chose this step.
+        chosen: worker -> token ids it chose (one sampled token, or forced/header/interjection ids).
+        sources: worker -> "sampled", "forced", "header" or "interjection".
+        views: worker -> the exact token ids that worker's last forward attended to, in view order.
+        forward_tokens: tokens the model processed in this step (the rows' new tokens, nothing else).
+        finished: workers that finished in this step, with their finish reasons.
+    """
+
+    index: int
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    chosen: dict[int, list[int]] = field(default_factory=dict)
+    sources: dict[int, str] = field(default_factory=dict)
+    views: dict[int, list[int]] = field(default_factory=dict)
+    forward_tokens: int = 0
+    finished: dict[int, FinishReason] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    name: str
+    text: str  # everything in the worker's stream (step headers and interjections included)
+    token_ids: list[int]
+    generated_tokens: int  # sampled tokens only
+    finish_reason: FinishReason | None
+    steps: int  # step blocks the worker opened
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # the shared prompt, counted once
+    generated_tokens: int  # sampled by all workers together
+    forward_tokens: int  # every token the model processed (prompt, headers, generated, injected)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+
+@dataclass(frozen=True)
+class HogwildResult:
+    """The outcome of a run. `final_text` is what a chat model returns."""
+
+    final_text: str
+    answer: str | None  # the extracted final answer, when the protocol found one
+    workers: list[WorkerResult]
+    shared_text: str  # the prompt plus the shared history, as the cache holds it
+    usage: Usage
+    steps: int
+    finish_reason: FinishReason

@@ -1,0 +1,349 @@
+"""The lockstep generation loop: N workers, one forward pass per step, one shared cache.
+
+Tokens a worker chooses at step t are fed (written into its block) at step t+1; in that forward every
+worker's row carries only its own new tokens, so no prefix is ever re-encoded. Layouts (paper, app. A):
+
+- ``contiguous``: [prompt + injected, other workers' blocks..., own block]; each worker writes one block.
+- ``interleaved``: [prompt + history, own header, own current step]; finished steps join the history
+  in completion order; others' in-progress steps are not visible.
+- ``combined`` (default): [prompt + history, others header, others' current steps..., own header,
+  own current step].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
+from hogwild_agents.errors import ContextLengthError
+from hogwild_agents.plan import ForwardPlan, RowPlan, Segment
+from hogwild_agents.results import HogwildResult, StepRecord, Usage, WorkerResult
+from hogwild_agents.sampling import SamplingParams, choose_tokens
+from hogwild_agents.script import RunScript
+
+if TYPE_CHECKING:
+    from hogwild_agents.engine import HogwildEngine
+
+LAYOUTS = ("contiguous", "interleaved", "combined")
+PREFILL_CHUNK = 512  # prompt tokens per forward while prefilling
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Token budgets of a run. `max_total_tokens` counts sampled tokens over all workers."""
+
+    max_new_tokens: int = 256
+    max_total_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.max_total_tokens is not None and self.max_total_tokens <= 0:
+            raise ValueError(f"max_total_tokens must be > 0, got {self.max_total_tokens}")
+
+
+@dataclass
+class WorkerState:
+    """A worker's stream and bookkeeping. `pending` tokens are chosen but not yet in the cache."""
+
+    index: int
+    name: str
+    decode: Callable[[Sequence[int]], str]
+    stream: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    step_ids: list[int] = field(default_factory=list)
+    step_index: int = 1
+    generated: int = 0
+    since_interjection: int = 0
+    forced: list[int] = field(default_factory=list)
+    header_due: list[int] = field(default_factory=list)
+    closing: bool = False
+    finish_reason: str | None = None
+    last_logits: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.decode(self.stream)
+
+
+class HogwildRun:
+    """A run in progress. Create with `HogwildEngine.start`; drive with `step()` or `generate` it."""
+
+    def __init__(
+        self,
+        engine: HogwildEngine,
+        script: RunScript,
+        *,
+        layout: str = "combined",
+        sampling: SamplingParams = SamplingParams(),
+        limits: RunLimits = RunLimits(),
+        attention: str = "fast",
+        prompt_ids: Sequence[int] | None = None,
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+        if attention not in ("fast", "eager"):
+            raise ValueError(f"Unknown attention {attention!r}; choose 'fast' or 'eager'.")
+        self.engine = engine
+        self.script = script
+        self.layout = layout
+        self.sampling = sampling
+        self.limits = limits
+        self.attention = attention
+        self.generator = sampling.generator()
+        self.steps_taken = 0
+        self.forward_tokens = 0
+        n = len(script.worker_names)
+        self.workers = [WorkerState(i, name, engine.decode) for i, name in enumerate(script.worker_names)]
+
+        prompt = list(prompt_ids) if prompt_ids is not None else engine.encode(script.prompt)
+        if not prompt:
+            raise ValueError("The prompt is empty; give at least one token of prompt text.")
+        self.prompt_tokens = len(prompt)
+        if len(prompt) >= engine.max_positions:
+            raise ContextLengthError(
+                f"The prompt has {len(prompt)} tokens but the model's context is {engine.max_positions}; "
+                "shorten the prompt."
+            )
+        headers = [engine.encode(script.others_header)] + [engine.encode(script.own_header(i)) for i in range(n)]
+        reserve = len(prompt) + (limits.max_total_tokens or limits.max_new_tokens * n) + 64
+        self.cache = SharedKVCache(
+            KVShape(engine.n_layers, engine.kv_heads, engine.head_dim, engine.dtype, engine.device),
+            engine.rotations,
+            n_workers=n,
+            n_headers=n + 1,
+            shared_capacity=min(reserve, engine.max_positions),
+            step_capacity=limits.max_new_tokens + 16 if layout == "contiguous" else 64,
+            header_capacity=max(len(h) for h in headers) or 1,
+        )
+        self._prefill(prompt, headers)
+        for worker in self.workers:
+            worker.pending = engine.encode(script.step_header(worker.index, 1))
+            worker.stream.extend(worker.pending)
+            worker.step_ids.extend(worker.pending)
+
+    # ---- views ---------------------------------------------------------------------------------
+    def _segments(self, worker: int) -> list[Segment]:
+        """The worker's view as cache blocks, in view order; its own step block last."""
+        cache = self.cache
+        segments = [Segment(SHARED, 0, 0, cache.shared_length)]
+        offset = cache.shared_length
+
+        def add(group: int, slot: int) -> None:
+            nonlocal offset
+            length = cache.length(group, slot)
+            if length or (group == STEPS and slot == worker):
+                segments.append(Segment(group, slot, offset, length))
+                offset += length
+
+        if self.layout == "combined":
+            add(HEADERS, 0)
+        if self.layout in ("combined", "contiguous"):
+            for other in range(len(self.workers)):
+                if other != worker:
+                    add(STEPS, other)
+        if self.layout in ("combined", "interleaved"):
+            add(HEADERS, 1 + worker)
+        add(STEPS, worker)
+        return segments
+
+    def _segment_ids(self, segments: Sequence[Segment]) -> list[int]:
+        ids: list[int] = []
+        for seg in segments:
+            ids.extend(self.cache.token_ids(seg.group, seg.slot)[: seg.visible])
+        return ids
+
+    def view_token_ids(self, worker: int) -> list[int]:
+        """The exact token ids the worker's next forward attends to, in view order (pending included)."""
+        return self._segment_ids(self._segments(worker)) + self.workers[worker].pending
+
+    def view_length(self, worker: int) -> int:
+        return sum(s.visible for s in self._segments(worker)) + len(self.workers[worker].pending)
+
+    # ---- forward passes ------------------------------------------------------------------------
+    def _forward(self, rows: list[RowPlan]) -> torch.Tensor:
+        """Run one forward over `rows` (capacity already reserved); store K/V; return last logits."""
+        plan = ForwardPlan(rows, self.cache, self.engine.dtype)
+        logits = self.engine.forward(plan, self.attention)
+        for row in rows:
+            self.cache.commit(row.target.group, row.target.slot, list(row.token_ids))
+        self.forward_tokens += sum(len(r.token_ids) for r in rows)
+        return logits
+
+    def _prefill(self, prompt: list[int], headers: list[list[int]]) -> None:
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            chunk = prompt[start : start + PREFILL_CHUNK]
+            self.cache.reserve(SHARED, 0, len(chunk))
+            logits = self._forward([RowPlan(tuple(chunk), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
+        for worker in self.workers:
+            worker.last_logits = logits[0]
+        shared = Segment(SHARED, 0, 0, self.cache.shared_length)
+        rows = [
+            RowPlan(tuple(ids), (shared, Segment(HEADERS, slot, shared.visible, 0)))
+            for slot, ids in enumerate(headers)
+            if ids
+        ]
+        if rows:
+            self._forward(rows)
+
+    def inject(self, text_or_ids: str | Sequence[int]) -> None:
+        """Append a block to the shared history; every worker's view contains it from the next step."""
+        ids = self.engine.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        if not ids:
+            return
+        self.cache.reserve(SHARED, 0, len(ids))
+        self._forward([RowPlan(tuple(ids), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
+
+    def force(self, worker: int, token_ids: str | Sequence[int]) -> None:
+        """Make `worker` choose these tokens at the next step instead of sampling."""
+        state = self.workers[worker]
+        if state.finished:
+            raise ValueError(f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens.")
+        ids = self.engine.encode(token_ids) if isinstance(token_ids, str) else [int(t) for t in token_ids]
+        state.forced.extend(ids)
+
+    # ---- the step ------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return all(w.finished and not w.pending for w in self.workers)
+
+    def step(self) -> StepRecord:
+        """Feed every worker's pending tokens in one forward, then let each unfinished worker choose."""
+        if self.done:
+            raise RuntimeError("The run has finished; start a new run.")
+        record = StepRecord(index=self.steps_taken)
+        fed = [w for w in self.workers if w.pending]
+        if fed:
+            for w in fed:
+                self.cache.reserve(STEPS, w.index, len(w.pending))
+            rows = [RowPlan(tuple(w.pending), tuple(self._segments(w.index))) for w in fed]
+            for w, row in zip(fed, rows, strict=True):
+                record.views[w.index] = self._segment_ids(row.segments) + w.pending
+            logits = self._forward(rows)
+            record.forward_tokens = sum(len(r.token_ids) for r in rows)
+            for i, w in enumerate(fed):
+                w.pending = []
+                w.last_logits = logits[i]
+                if w.closing:
+                    self._close_step(w)
+        self._choose(record)
+        self.steps_taken += 1
+        return record
+
+    def _close_step(self, worker: WorkerState) -> None:
+        """The worker's current step is complete: move it into the shared history, open the next one."""
+        worker.closing = False
+        if self.layout == "contiguous":
+            return
+        self.cache.move_to_shared(worker.index)
+        worker.step_ids = []
+        if not worker.finished:
+            worker.step_index += 1
+            worker.header_due = self.engine.encode(self.script.step_header(worker.index, worker.step_index))
+
+    def _choose(self, record: StepRecord) -> None:
+        active = [w for w in self.workers if not w.finished]
+        to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
+        sampled = {}
+        if to_sample:
+            logits = torch.stack([w.last_logits for w in to_sample])
+            sampled = dict(zip((w.index for w in to_sample), choose_tokens(logits, self.sampling, self.generator), strict=True))
+        for w in active:
+            record.logits[w.index] = w.last_logits
+            if w.forced:
+                ids, source, w.forced = w.forced, "forced", []
+            elif w.header_due:
+                ids, source, w.header_due = w.header_due, "header", []
+            elif w.index not in sampled:
+                ids, source, w.since_interjection = self.engine.encode(self.script.interjection), "interjection", 0
+            else:
+                ids, source = [sampled[w.index]], "sampled"
+            record.chosen[w.index], record.sources[w.index] = ids, source
+            self._accept(w, ids, source)
+            if w.finished:
+                record.finished[w.index] = w.finish_reason
+        budget = self.limits.max_total_tokens
+        if budget is not None and sum(w.generated for w in self.workers) >= budget:
+            for w in self.workers:
+                if not w.finished:
+                    self._finish(w, "length")
+                    record.finished[w.index] = "length"
+
+    def _interjection_due(self, worker: WorkerState) -> bool:
+        return bool(self.script.interjection) and worker.since_interjection >= self.script.interjection_period
+
+    def _accept(self, worker: WorkerState, ids: list[int], source: str) -> None:
+        if source == "sampled" and ids[0] in self.engine.eos_token_ids:
+            self._finish(worker, "stop")
+            return
+        worker.pending.extend(ids)
+        worker.stream.extend(ids)
+        worker.step_ids.extend(ids)
+        if source == "sampled":
+            worker.generated += 1
+            worker.since_interjection += 1
+        if self._hit_stop_string(worker):
+            self._finish(worker, "stop")
+        elif worker.generated >= self.limits.max_new_tokens:
+            self._finish(worker, "length")
+        elif self.view_length(worker.index) >= self.engine.max_positions:
+            self._finish(worker, "length")
+        elif source != "header" and self.layout != "contiguous" and self.script.is_step_end(self.engine.decode(worker.step_ids)):
+            worker.closing = True
+
+    def _hit_stop_string(self, worker: WorkerState) -> bool:
+        if not self.limits.stop:
+            return False
+        window = max(len(s) for s in self.limits.stop) + 8
+        tail = self.engine.decode(worker.stream[-window:])
+        return any(s in tail for s in self.limits.stop)
+
+    def _finish(self, worker: WorkerState, reason: str) -> None:
+        worker.finish_reason = reason
+        worker.closing = True  # its last tokens are still fed, then its block joins the history
+        worker.forced, worker.header_due = [], []
+
+    # ---- results -------------------------------------------------------------------------------
+    def worker_text(self, worker: int) -> str:
+        """The worker's stream as text, cut at the first stop string."""
+        text = self.workers[worker].text
+        for stop in self.limits.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def result(self) -> HogwildResult:
+        workers = [
+            WorkerResult(
+                name=w.name,
+                text=self.worker_text(w.index),
+                token_ids=list(w.stream),
+                generated_tokens=w.generated,
+                finish_reason=w.finish_reason,
+                steps=w.step_index,
+            )
+            for w in self.workers
+        ]
+        answer = None
+        for w in workers:
+            answer = self.script.extract_answer(w.text) or answer
+        reasons = {w.finish_reason for w in self.workers}
+        return HogwildResult(
+            final_text=answer if answer is not None else workers[0].text,
+            answer=answer,
+            workers=workers,
+            shared_text=self.engine.decode(self.cache.token_ids(SHARED)),
+            usage=Usage(self.prompt_tokens, sum(w.generated for w in self.workers), self.forward_tokens),
+            steps=self.steps_taken,
+            finish_reason="length" if "length" in reasons else "stop",
+        )
