@@ -31,7 +31,7 @@ IMPLEMENTATIONS = ("fast", "eager")
 def store_new_kv(plan: ForwardPlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     """Write the forward's new K (re-rotated to block-local positions) and V into their blocks."""
     rotations = plan.cache.rotations
-    local_key = rotations.rotate(key, plan.unrotate_cos, plan.unrotate_sin)  # [rows, kv_heads, q_len, dim]
+    local_key = rotations.rotate(key.float(), plan.unrotate_cos, plan.unrotate_sin).to(key.dtype)  # [rows, kv_heads, q_len, dim]
     for group, (rows, cols, slots, positions) in plan.writes.items():
         storage = plan.cache.groups[group]
         storage.k[layer][slots, :, positions] = local_key[rows, :, cols]
@@ -58,7 +58,7 @@ def fast_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: 
         else:
             cos = gp.cos[:, :, None, None, None]  # [rows, slots, 1, 1, 1, rot]
             sin = gp.sin[:, :, None, None, None]
-            q_rot = rotations.rotate(q[:, None], cos, sin).permute(1, 2, 0, 3, 4, 5)
+            q_rot = rotations.rotate(q[:, None].float(), cos, sin).to(q.dtype).permute(1, 2, 0, 3, 4, 5)
         q_rot = q_rot.reshape(slots * kv_heads, rows * per_kv * q_len, dim)
         s = torch.bmm(q_rot, keys.transpose(1, 2)).view(slots, kv_heads, rows, per_kv, q_len, gp.used)
         s = s.float().masked_fill(~gp.visible, torch.finfo(torch.float32).min)

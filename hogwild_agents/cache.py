@@ -132,8 +132,8 @@ class SharedKVCache:
         k, v = g.k[layer, slot, :, :length], g.v[layer, slot, :, :length]
         if group == SHARED or offset == 0:
             return k, v
-        cos, sin = self.rotations.cos_sin(torch.tensor(offset, device=k.device), k.dtype)
-        return self.rotations.rotate(k, cos, sin), v
+        cos, sin = self.rotations.cos_sin(torch.tensor(offset, device=k.device), torch.float32)
+        return self.rotations.rotate(k.float(), cos, sin).to(k.dtype), v
 
     # ---- writing -------------------------------------------------------------------------------
     def reserve(self, group: int, slot: int, n_tokens: int) -> int:
@@ -155,9 +155,9 @@ class SharedKVCache:
         if length == 0:
             return
         shared.ensure_capacity(start + length)
-        cos, sin = self.rotations.cos_sin(torch.tensor(start, device=steps.k.device), steps.k.dtype)
-        block_k = steps.k[:, slot, :, :length]  # [layers, kv_heads, length, head_dim]
-        shared.k[:, 0, :, start : start + length] = self.rotations.rotate(block_k, cos, sin)
+        cos, sin = self.rotations.cos_sin(torch.tensor(start, device=steps.k.device), torch.float32)
+        block_k = steps.k[:, slot, :, :length].float()  # [layers, kv_heads, length, head_dim]
+        shared.k[:, 0, :, start : start + length] = self.rotations.rotate(block_k, cos, sin).to(shared.k.dtype)
         shared.v[:, 0, :, start : start + length] = steps.v[:, slot, :, :length]
         shared.lengths[0] += length
         shared.token_ids[0].extend(steps.token_ids[slot])

@@ -76,7 +76,7 @@ class ForwardPlan:
         self.position_ids = position_ids.to(device)
 
         offsets = torch.tensor([-r.target.offset for r in rows], device=device)
-        cos, sin = cache.rotations.cos_sin(offsets, dtype)
+        cos, sin = cache.rotations.cos_sin(offsets, torch.float32)
         self.unrotate_cos, self.unrotate_sin = cos[:, None, None], sin[:, None, None]  # [rows, 1, 1, rot]
         self.writes = self._write_indices(device)
         self.groups = [self._group_plan(g, dtype) for g in range(len(cache.groups))]
@@ -114,5 +114,5 @@ class ForwardPlan:
         visible = (keys < limits[..., None])[:, None, :, None].to(device)  # [slots, 1, rows, 1, q_len, used]
         if group == SHARED:
             return GroupPlan(used, None, None, visible)
-        cos, sin = self.cache.rotations.cos_sin(-offsets.to(device), dtype)
+        cos, sin = self.cache.rotations.cos_sin(-offsets.to(device), torch.float32)
         return GroupPlan(used, cos, sin, visible)
