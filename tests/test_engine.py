@@ -1,0 +1,184 @@
+"""Engine behaviour: work done per step, memory held, budgets and stops, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from hogwild_agents import LAYOUTS, HogwildEngine, UnsupportedModelError
+from hogwild_agents.cache import HEADERS, SHARED, STEPS
+from hogwild_agents.loading import check_rope_support
+from tests.conftest import TINY, named_script
+
+PROMPT = "<|im_start|>user\nCount to ten.<|im_end|>\n<|im_start|>assistant\n"
+
+
+class TokenCounter:
+    """Counts the token positions the model embeds, through a hook on its input embeddings."""
+
+    def __init__(self, engine: HogwildEngine) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.handle = engine.model.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: self.shapes.append(tuple(args[0].shape))
+        )
+
+    @property
+    def positions(self) -> int:
+        return sum(rows * length for rows, length in self.shapes)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_step_encodes_only_the_new_tokens(tiny_engines, layout):
+    engine = tiny_engines["llama"]
+    counter = TokenCounter(engine)
+    try:
+        run = engine.start(PROMPT, n_workers=3, layout=layout, protocol=named_script(PROMPT, 3),
+                           max_new_tokens=30, temperature=1.0, seed=0)
+        setup = run.forward_tokens
+        headers = sum(len(engine.encode(t)) for t in (run.script.others_header, *run.script.own_headers))
+        assert setup == run.prompt_tokens + headers
+        counter.shapes.clear()
+        fed_total = 0
+        for step in range(25):
+            if step == 10:
+                run.force(1, "\n\n")
+            pending = {w.index: len(w.pending) for w in run.workers if w.pending}
+            record = run.step()
+            assert record.forward_tokens == sum(pending.values())
+            rows, length = counter.shapes[-1]
+            assert rows == len(pending) and length == max(pending.values())  # nothing but the new tokens
+            fed_total += record.forward_tokens
+        assert run.forward_tokens == setup + fed_total
+    finally:
+        counter.handle.remove()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kv_memory_holds_each_token_once(tiny_engines, layout):
+    engine = tiny_engines["qwen3"]
+    run = engine.start(PROMPT, n_workers=4, layout=layout, protocol=named_script(PROMPT, 4),
+                       max_new_tokens=40, temperature=1.0, seed=2)
+    longest = {g: 0 for g in (SHARED, HEADERS, STEPS)}
+    initial = {g: run.cache.groups[g].capacity for g in longest}
+    for step in range(40):
+        if run.done:
+            break
+        if step % 9 == 4:
+            run.force(step % 4, "\n\n")
+        if step == 20:
+            run.inject("Shared note.\n\n")
+        run.step()
+        for g in longest:
+            longest[g] = max(longest[g], *run.cache.groups[g].lengths)
+        # every token the model processed is stored exactly once, and nothing else is
+        assert run.cache.tokens_stored == run.forward_tokens
+        assert run.cache.bytes_used == run.cache.tokens_stored * run.cache.shape.bytes_per_token
+    per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv_heads x head_dim x fp32 bytes
+    assert run.cache.shape.bytes_per_token == per_token
+    for g, group in enumerate(run.cache.groups):
+        assert group.capacity <= max(initial[g], 2 * longest[g])  # stated slack: at most doubling
+    allocated = sum(group.n_slots * group.capacity for group in run.cache.groups) * per_token
+    assert run.cache.bytes_allocated == allocated
+
+
+def test_budgets_stop_strings_and_eos(smol_engine):
+    result = smol_engine.generate(PROMPT, n_workers=2, max_new_tokens=7)
+    assert all(w.generated_tokens <= 7 for w in result.workers)
+    assert {w.finish_reason for w in result.workers} <= {"length", "stop"}
+
+    total = smol_engine.generate(PROMPT, n_workers=3, max_new_tokens=50, max_total_tokens=12)
+    assert sum(w.generated_tokens for w in total.workers) in range(12, 15)
+    assert total.finish_reason == "length"
+
+    stopped = smol_engine.generate("Count: 1, 2, 3,", n_workers=1, max_new_tokens=30, stop=[" 6"])
+    assert stopped.workers[0].finish_reason == "stop"
+    assert " 6" not in stopped.workers[0].text and stopped.workers[0].text.strip().endswith("5,")
+
+    eos = smol_engine.generate(smol_engine.chat_prompt("What is 12*7? Explain briefly."), n_workers=1, max_new_tokens=60)
+    assert eos.workers[0].finish_reason == "stop"
+    assert not set(eos.workers[0].token_ids) & smol_engine.eos_token_ids
+
+
+def test_forced_and_injected_tokens_enter_the_views(tiny_engines):
+    engine = tiny_engines["llama"]
+    run = engine.start(PROMPT, n_workers=2, layout="combined", max_new_tokens=20)
+    run.step()
+    forced = engine.encode(" forty two")
+    run.force(1, forced)
+    record = run.step()
+    assert record.chosen[1] == forced and record.sources[1] == "forced"
+    run.inject("NOTE")
+    note = engine.encode("NOTE")
+    for worker in range(2):
+        shared = run.view_token_ids(worker)[: run.cache.shared_length]
+        assert shared[-len(note) :] == note
+    run.step()
+    assert run.workers[1].stream[-len(forced) - 1 : -1] == forced
+
+
+def test_result_reports_usage_and_texts(smol_engine):
+    result = smol_engine.generate(PROMPT, n_workers=2, max_new_tokens=5)
+    prompt_tokens = len(smol_engine.encode(PROMPT))
+    assert result.usage.prompt_tokens == prompt_tokens
+    assert result.usage.generated_tokens == sum(w.generated_tokens for w in result.workers)
+    assert result.final_text == result.workers[0].text
+    assert result.shared_text.startswith(smol_engine.decode(smol_engine.encode(PROMPT)))
+
+
+def test_context_overflow_stops_with_length(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "max_position_embeddings": 64})
+    engine = HogwildEngine(AutoModelForCausalLM.from_config(config).eval(), tokenizer)
+    run = engine.start(PROMPT, n_workers=2, layout="contiguous", max_new_tokens=500, temperature=1.0, seed=0)
+    longest_view = 0
+    while not run.done:
+        longest_view = max([longest_view, *(len(v) for v in run.step().views.values())])
+    assert all(w.finish_reason == "length" for w in run.workers)
+    assert longest_view == 64  # every attended position is inside the context
+    with pytest.raises(ValueError, match="context"):
+        engine.start("word " * 80, n_workers=1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n_workers": 0}, "n_workers"),
+        ({"n_workers": 65}, "n_workers"),
+        ({"layout": "spiral"}, "layout"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"attention": "magic"}, "attention"),
+    ],
+)
+def test_bad_options_are_refused_clearly(tiny_engines, options, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_engines["llama"].start(PROMPT, **options)
+
+
+def test_empty_prompts_are_refused(tiny_engines):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_engines["llama"].start([], n_workers=1)
+    with pytest.raises(ValueError, match="empty"):
+        tiny_engines["llama"].start("", n_workers=1)
+
+
+def test_models_without_composable_rope_are_refused():
+    with pytest.raises(UnsupportedModelError, match="rotary"):
+        check_rope_support(GPT2Config())
+    dynamic = LlamaConfig(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
+        check_rope_support(dynamic)
+
+
+def test_finished_workers_take_no_forced_tokens(tiny_engines):
+    run = tiny_engines["llama"].start(PROMPT, n_workers=1, max_new_tokens=1)
+    run.step()
+    with pytest.raises(ValueError, match="finished"):
+        run.force(0, [5])
+    run.step()
+    assert run.done
+    with pytest.raises(RuntimeError, match="finished"):
+        run.step()
