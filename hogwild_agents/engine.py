@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hogwild_agents import attention
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
 from hogwild_agents.plan import ForwardPlan
+from hogwild_agents.prompt_cache import PromptCache
 from hogwild_agents.results import HogwildResult, StepRecord
 from hogwild_agents.rotary import Rotations
 from hogwild_agents.run import HogwildRun, RunLimits
@@ -40,6 +41,7 @@ class HogwildEngine:
         self.max_positions = getattr(config, "max_position_embeddings", None) or 2**31
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.lock = threading.RLock()
+        self.prompt_cache = PromptCache()  # K/V of the last prompt, reused by a run that extends it
 
     @classmethod
     def from_pretrained(
@@ -73,13 +75,16 @@ class HogwildEngine:
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def chat_prompt(self, messages: Messages) -> str:
-        """Render messages through the model's chat template, ending with the assistant's turn."""
+    def chat_prompt(self, messages: Messages, tools: Sequence[dict] | None = None) -> str:
+        """Render messages (and tool schemas) through the model's chat template, ending with the
+        assistant's turn."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         if not messages:
             raise ValueError("The message list is empty; give at least one message.")
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            list(messages), tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+        )
 
     def forward(self, plan: ForwardPlan, implementation: str = "fast") -> torch.Tensor:
         """One forward pass over the shared cache; returns the last-token logits of each row (fp32)."""
@@ -95,17 +100,24 @@ class HogwildEngine:
         return out.logits[:, -1].float()
 
     # ---- runs ----------------------------------------------------------------------------------
-    def script(self, prompt: Messages | Sequence[int], n_workers: int, layout: str, protocol: Any) -> RunScript:
+    def script(
+        self,
+        prompt: Messages,
+        n_workers: int,
+        layout: str,
+        protocol: Any,
+        tools: Sequence[dict] | None = None,
+    ) -> RunScript:
         """The run script: raw (protocol=None), a given RunScript, or a protocol rendered for the task."""
         if isinstance(protocol, RunScript):
             return protocol
         if protocol is None:
-            text = prompt if isinstance(prompt, str) else self.chat_prompt(prompt)
+            text = prompt if isinstance(prompt, str) and not tools else self.chat_prompt(prompt, tools)
             return RunScript.raw(text, n_workers)
         from hogwild_agents.protocol import Protocol
 
         resolved = protocol if isinstance(protocol, Protocol) else Protocol(protocol)
-        return resolved.render(self.tokenizer, prompt, n_workers, layout)
+        return resolved.render(self.tokenizer, prompt, n_workers, layout, tools=list(tools) if tools else None)
 
     def start(
         self,
@@ -121,6 +133,7 @@ class HogwildEngine:
         top_k: int = 0,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        tools: Sequence[dict] | None = None,
         attention: str = "fast",
     ) -> HogwildRun:
         """Prefill the prompt and return a run to drive with `step()`.
@@ -128,13 +141,15 @@ class HogwildEngine:
         `prompt`: text (used verbatim when protocol is None), chat messages (role/content dicts, rendered
         with the model's chat template), or token ids (raw runs only). `protocol`: None (no collaboration
         text: each worker continues the prompt), a shipped protocol name, a Protocol, or a RunScript.
+        `tools`: OpenAI-format tool schemas rendered into the prompt (by the protocol, or by the model's
+        chat template when protocol is None).
         """
         if not 1 <= n_workers <= MAX_WORKERS:
             raise ValueError(f"n_workers must be between 1 and {MAX_WORKERS}, got {n_workers}")
         token_prompt = not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], int)
         if token_prompt and protocol is not None:
             raise ValueError("Token-id prompts run without a protocol; pass text or messages instead.")
-        script = self.script("" if token_prompt else prompt, n_workers, layout, protocol)
+        script = self.script("" if token_prompt else prompt, n_workers, layout, protocol, tools)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return HogwildRun(
             self,

@@ -180,12 +180,14 @@ class HogwildRun:
         return logits
 
     def _prefill(self, prompt: list[int], headers: list[list[int]]) -> None:
-        for start in range(0, len(prompt), PREFILL_CHUNK):
+        self.reused_tokens = self._reuse_prefix(prompt)
+        for start in range(self.reused_tokens, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start : start + PREFILL_CHUNK]
             self.cache.reserve(SHARED, 0, len(chunk))
             logits = self._forward([RowPlan(tuple(chunk), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
         for worker in self.workers:
             worker.last_logits = logits[0]
+        self.engine.prompt_cache.store(prompt, self.cache)
         shared = Segment(SHARED, 0, 0, self.cache.shared_length)
         rows = [
             RowPlan(tuple(ids), (shared, Segment(HEADERS, slot, shared.visible, 0)))
@@ -194,6 +196,15 @@ class HogwildRun:
         ]
         if rows:
             self._forward(rows)
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """Copy the K/V of the longest prompt prefix the engine's previous run encoded; return its length.
+
+        At least the last prompt token is always encoded again, for the logits of the first step."""
+        reused = self.engine.prompt_cache.common_prefix(prompt, limit=len(prompt) - 1)
+        if reused:
+            self.engine.prompt_cache.copy_into(self.cache, prompt[:reused])
+        return reused
 
     def inject(self, text_or_ids: str | Sequence[int]) -> None:
         """Append a block to the shared history; every worker's view contains it from the next step."""

@@ -37,7 +37,7 @@ def test_each_step_encodes_only_the_new_tokens(tiny_engines, layout):
                            max_new_tokens=30, temperature=1.0, seed=0)
         setup = run.forward_tokens
         headers = sum(len(engine.encode(t)) for t in (run.script.others_header, *run.script.own_headers))
-        assert setup == run.prompt_tokens + headers
+        assert setup == run.prompt_tokens - run.reused_tokens + headers
         counter.shapes.clear()
         fed_total = 0
         for step in range(25):
@@ -72,7 +72,7 @@ def test_kv_memory_holds_each_token_once(tiny_engines, layout):
         for g in longest:
             longest[g] = max(longest[g], *run.cache.groups[g].lengths)
         # every token the model processed is stored exactly once, and nothing else is
-        assert run.cache.tokens_stored == run.forward_tokens
+        assert run.cache.tokens_stored == run.forward_tokens + run.reused_tokens
         assert run.cache.bytes_used == run.cache.tokens_stored * run.cache.shape.bytes_per_token
     per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv_heads x head_dim x fp32 bytes
     assert run.cache.shape.bytes_per_token == per_token
@@ -182,3 +182,24 @@ def test_finished_workers_take_no_forced_tokens(tiny_engines):
     assert run.done
     with pytest.raises(RuntimeError, match="finished"):
         run.step()
+
+
+def test_a_run_reuses_the_prompt_prefix_of_the_previous_run(tiny_engines):
+    from tests.test_equivalence import assert_logits_close
+
+    engine = tiny_engines["qwen2"]
+    first_prompt = PROMPT + "One, two"
+    engine.start(first_prompt, n_workers=1)
+    follow_up = first_prompt + ", three. Now continue."
+    reused = engine.start(follow_up, n_workers=2, max_new_tokens=5, temperature=1.0, seed=4)
+    common = len(engine.encode(first_prompt)) - 1  # a shared beginning, up to a token boundary
+    assert reused.reused_tokens >= common - 1
+    assert reused.forward_tokens == reused.prompt_tokens - reused.reused_tokens
+    engine.prompt_cache.clear()
+    fresh = engine.start(follow_up, n_workers=2, max_new_tokens=5, temperature=1.0, seed=4)
+    assert fresh.reused_tokens == 0
+    for _ in range(5):
+        a, b = reused.step(), fresh.step()
+        assert a.chosen == b.chosen
+        for worker, logits in a.logits.items():
+            assert_logits_close(logits, b.logits[worker])
