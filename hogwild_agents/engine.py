@@ -171,6 +171,7 @@ class HogwildEngine:
                 record = run.step()
                 if on_step is not None:
                     on_step(record)
+            run.conclude()  # the protocol's finisher, when the budget ended without an answer
             return run.result()
 
 

@@ -59,6 +59,7 @@ class WorkerState:
     step_ids: list[int] = field(default_factory=list)
     step_index: int = 1
     generated: int = 0
+    budget: int = 0  # generated-token limit of this worker
     since_interjection: int = 0
     forced: list[int] = field(default_factory=list)
     header_due: list[int] = field(default_factory=list)
@@ -103,7 +104,11 @@ class HogwildRun:
         self.steps_taken = 0
         self.forward_tokens = 0
         n = len(script.worker_names)
-        self.workers = [WorkerState(i, name, engine.decode) for i, name in enumerate(script.worker_names)]
+        self.workers = [
+            WorkerState(i, name, engine.decode, budget=limits.max_new_tokens)
+            for i, name in enumerate(script.worker_names)
+        ]
+        self.concluding = False
 
         prompt = list(prompt_ids) if prompt_ids is not None else engine.encode(script.prompt)
         if not prompt:
@@ -283,7 +288,7 @@ class HogwildRun:
             if w.finished:
                 record.finished[w.index] = w.finish_reason
         budget = self.limits.max_total_tokens
-        if budget is not None and sum(w.generated for w in self.workers) >= budget:
+        if budget is not None and not self.concluding and sum(w.generated for w in self.workers) >= budget:
             for w in self.workers:
                 if not w.finished:
                     self._finish(w, "length")
@@ -304,7 +309,9 @@ class HogwildRun:
             worker.since_interjection += 1
         if self._hit_stop_string(worker):
             self._finish(worker, "stop")
-        elif worker.generated >= self.limits.max_new_tokens:
+        elif self.concluding and source == "sampled" and self.script.extract_answer(worker.text):
+            self._finish(worker, "stop")
+        elif worker.generated >= worker.budget:
             self._finish(worker, "length")
         elif self.view_length(worker.index) >= self.engine.max_positions:
             self._finish(worker, "length")
@@ -322,6 +329,26 @@ class HogwildRun:
         worker.finish_reason = reason
         worker.closing = True  # its last tokens are still fed, then its block joins the history
         worker.forced, worker.header_due = [], []
+
+    def conclude(self, worker: int = 0, max_tokens: int = 64) -> bool:
+        """Finish a run that ended without an answer: force the script's finisher into `worker`'s stream
+        and decode greedily until an answer is complete, a stop, or `max_tokens`. Returns True if it ran.
+
+        Drives any unfinished work to the end first. Does nothing when the script has no finisher or a
+        worker's text already holds an answer."""
+        while not self.done:
+            self.step()
+        if not self.script.finisher or any(self.script.extract_answer(w.text) for w in self.workers):
+            return False
+        state = self.workers[worker]
+        self.concluding = True
+        self.sampling = SamplingParams(temperature=0.0)
+        state.finish_reason = None
+        state.budget = state.generated + max_tokens
+        state.forced = self.engine.encode(self.script.finisher)
+        while not self.done:
+            self.step()
+        return True
 
     # ---- results -------------------------------------------------------------------------------
     def worker_text(self, worker: int) -> str:

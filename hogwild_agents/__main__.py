@@ -1,0 +1,3 @@
+from hogwild_agents.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The `hogwild` command: run workers on a question and show what each one writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.results import StepRecord
+from hogwild_agents.run import LAYOUTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hogwild", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run N workers on one question over a shared KV cache")
+    run.add_argument("question", help="the task or question for the workers")
+    run.add_argument("--workers", type=int, default=2, help="number of parallel workers (default 2)")
+    run.add_argument("--protocol", default="collaborate",
+                     help="shipped protocol name, a template file path, or 'none' for raw continuation")
+    run.add_argument("--layout", choices=LAYOUTS, default="combined",
+                     help="how each worker sees the others' work (default combined)")
+    run.add_argument("--max-tokens", type=int, default=256, help="tokens each worker may generate")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
+    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    run.add_argument("--model", default=None, help="model directory, id or .gguf file (default: embedded)")
+    run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    run.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    run.add_argument("--json", action="store_true", help="print the machine-readable result instead")
+    return parser
+
+
+def _live_printer(engine: HogwildEngine, names: list[str]):
+    """Print each worker's new text as it is chosen, prefixed by the worker's name when it changes."""
+    last = {"worker": None}
+
+    def on_step(record: StepRecord) -> None:
+        for worker, ids in record.chosen.items():
+            text = engine.decode(ids)
+            if not text:
+                continue
+            if last["worker"] != worker:
+                sys.stdout.write(f"\n[{names[worker]}] ")
+                last["worker"] = worker
+            sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return on_step
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    protocol = None if args.protocol.lower() == "none" else args.protocol
+    options = dict(
+        n_workers=args.workers,
+        layout=args.layout,
+        protocol=protocol,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    messages = [{"role": "user", "content": args.question}]
+    if args.json:
+        result = engine.generate(messages, **options)
+        print(json.dumps(asdict(result), indent=2))
+        return 0
+    with engine.lock:
+        run = engine.start(messages, **options)
+        show = _live_printer(engine, [w.name for w in run.workers])
+        while not run.done:
+            show(run.step())
+        run.conclude()
+        result = run.result()
+    usage = result.usage
+    print(f"\n\n=== Final answer ===\n{result.final_text.strip()}")
+    print(
+        f"\n[{len(result.workers)} workers, {result.steps} steps; prompt {usage.prompt_tokens} tokens, "
+        f"generated {usage.generated_tokens}, model processed {usage.forward_tokens}]"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
