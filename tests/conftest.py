@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
 from hogwild_agents import HogwildEngine, RunScript
 from hogwild_agents.loading import load_model_and_tokenizer
@@ -45,14 +47,19 @@ def smol_engine(smol_parts) -> HogwildEngine:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smol_parts):
-    return smol_parts[1]
+def tokenizer(request):
+    """The embedded model's tokenizer (or the one in $HOGWILD_TEST_TOKENIZER, for machines without it)."""
+    if path := os.environ.get("HOGWILD_TEST_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(path)
+    return request.getfixturevalue("smol_parts")[1]
 
 
-def build_tiny_engine(name: str, tokenizer, dtype: torch.dtype = torch.float32) -> HogwildEngine:
+def build_tiny_engine(
+    name: str, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> HogwildEngine:
     torch.manual_seed(0)
     config = TINY_CONFIGS[name]()
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     # larger random weights give peaked, well-separated logits (no near-ties for greedy comparisons)
     with torch.no_grad():
         for p in model.parameters():
