@@ -16,7 +16,7 @@ __all__ = [
     "ModelLoadError",
     "RunScript",
     "StepRecord",
-    "Usage",
     "UnsupportedModelError",
+    "Usage",
     "WorkerResult",
 ]

@@ -126,7 +126,9 @@ class SharedKVCache:
     def bytes_allocated(self) -> int:
         return sum(g.k.numel() * g.k.element_size() * 2 for g in self.groups)
 
-    def block_kv(self, layer: int, group: int, slot: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_kv(
+        self, layer: int, group: int, slot: int, length: int, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """K rotated to absolute positions offset..offset+length and V: each [kv_heads, length, head_dim]."""
         g = self.groups[group]
         k, v = g.k[layer, slot, :, :length], g.v[layer, slot, :, :length]
@@ -157,7 +159,9 @@ class SharedKVCache:
         shared.ensure_capacity(start + length)
         cos, sin = self.rotations.cos_sin(torch.tensor(start, device=steps.k.device), torch.float32)
         block_k = steps.k[:, slot, :, :length].float()  # [layers, kv_heads, length, head_dim]
-        shared.k[:, 0, :, start : start + length] = self.rotations.rotate(block_k, cos, sin).to(shared.k.dtype)
+        shared.k[:, 0, :, start : start + length] = self.rotations.rotate(block_k, cos, sin).to(
+            shared.k.dtype
+        )
         shared.v[:, 0, :, start : start + length] = steps.v[:, slot, :, :length]
         shared.lengths[0] += length
         shared.token_ids[0].extend(steps.token_ids[slot])

@@ -19,10 +19,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run N workers on one question over a shared KV cache")
     run.add_argument("question", help="the task or question for the workers")
     run.add_argument("--workers", type=int, default=2, help="number of parallel workers (default 2)")
-    run.add_argument("--protocol", default="collaborate",
-                     help="shipped protocol name, a template file path, or 'none' for raw continuation")
-    run.add_argument("--layout", choices=LAYOUTS, default="combined",
-                     help="how each worker sees the others' work (default combined)")
+    run.add_argument(
+        "--protocol",
+        default="collaborate",
+        help="shipped protocol name, a template file path, or 'none' for raw continuation",
+    )
+    run.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="combined",
+        help="how each worker sees the others' work (default combined)",
+    )
     run.add_argument("--max-tokens", type=int, default=256, help="tokens each worker may generate")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")

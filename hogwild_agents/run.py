@@ -85,8 +85,8 @@ class HogwildRun:
         script: RunScript,
         *,
         layout: str = "combined",
-        sampling: SamplingParams = SamplingParams(),
-        limits: RunLimits = RunLimits(),
+        sampling: SamplingParams | None = None,
+        limits: RunLimits | None = None,
         attention: str = "fast",
         prompt_ids: Sequence[int] | None = None,
     ) -> None:
@@ -97,6 +97,8 @@ class HogwildRun:
         self.engine = engine
         self.script = script
         self.layout = layout
+        sampling = sampling or SamplingParams()
+        limits = limits or RunLimits()
         self.sampling = sampling
         self.limits = limits
         self.attention = attention
@@ -119,7 +121,9 @@ class HogwildRun:
                 f"The prompt has {len(prompt)} tokens but the model's context is {engine.max_positions}; "
                 "shorten the prompt."
             )
-        headers = [engine.encode(script.others_header)] + [engine.encode(script.own_header(i)) for i in range(n)]
+        headers = [engine.encode(script.others_header)] + [
+            engine.encode(script.own_header(i)) for i in range(n)
+        ]
         reserve = len(prompt) + (limits.max_total_tokens or limits.max_new_tokens * n) + 64
         self.cache = SharedKVCache(
             KVShape(engine.n_layers, engine.kv_heads, engine.head_dim, engine.dtype, engine.device),
@@ -189,7 +193,9 @@ class HogwildRun:
         for start in range(self.reused_tokens, len(prompt), PREFILL_CHUNK):
             chunk = prompt[start : start + PREFILL_CHUNK]
             self.cache.reserve(SHARED, 0, len(chunk))
-            logits = self._forward([RowPlan(tuple(chunk), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
+            logits = self._forward(
+                [RowPlan(tuple(chunk), (Segment(SHARED, 0, 0, self.cache.shared_length),))]
+            )
         for worker in self.workers:
             worker.last_logits = logits[0]
         self.engine.prompt_cache.store(prompt, self.cache)
@@ -223,7 +229,9 @@ class HogwildRun:
         """Make `worker` choose these tokens at the next step instead of sampling."""
         state = self.workers[worker]
         if state.finished:
-            raise ValueError(f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens.")
+            raise ValueError(
+                f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens."
+            )
         ids = self.engine.encode(token_ids) if isinstance(token_ids, str) else [int(t) for t in token_ids]
         state.forced.extend(ids)
 
@@ -272,7 +280,13 @@ class HogwildRun:
         sampled = {}
         if to_sample:
             logits = torch.stack([w.last_logits for w in to_sample])
-            sampled = dict(zip((w.index for w in to_sample), choose_tokens(logits, self.sampling, self.generator), strict=True))
+            sampled = dict(
+                zip(
+                    (w.index for w in to_sample),
+                    choose_tokens(logits, self.sampling, self.generator),
+                    strict=True,
+                )
+            )
         for w in active:
             record.logits[w.index] = w.last_logits
             if w.forced:
@@ -280,7 +294,11 @@ class HogwildRun:
             elif w.header_due:
                 ids, source, w.header_due = w.header_due, "header", []
             elif w.index not in sampled:
-                ids, source, w.since_interjection = self.engine.encode(self.script.interjection), "interjection", 0
+                ids, source, w.since_interjection = (
+                    self.engine.encode(self.script.interjection),
+                    "interjection",
+                    0,
+                )
             else:
                 ids, source = [sampled[w.index]], "sampled"
             record.chosen[w.index], record.sources[w.index] = ids, source
@@ -307,15 +325,16 @@ class HogwildRun:
         if source == "sampled":
             worker.generated += 1
             worker.since_interjection += 1
-        if self._hit_stop_string(worker):
+        answered = self.concluding and source == "sampled" and self.script.extract_answer(worker.text)
+        if self._hit_stop_string(worker) or answered:
             self._finish(worker, "stop")
-        elif self.concluding and source == "sampled" and self.script.extract_answer(worker.text):
-            self._finish(worker, "stop")
-        elif worker.generated >= worker.budget:
+        elif worker.generated >= worker.budget or self.view_length(worker.index) >= self.engine.max_positions:
             self._finish(worker, "length")
-        elif self.view_length(worker.index) >= self.engine.max_positions:
-            self._finish(worker, "length")
-        elif source != "header" and self.layout != "contiguous" and self.script.is_step_end(self.engine.decode(worker.step_ids)):
+        elif (
+            source != "header"
+            and self.layout != "contiguous"
+            and self.script.is_step_end(self.engine.decode(worker.step_ids))
+        ):
             worker.closing = True
 
     def _hit_stop_string(self, worker: WorkerState) -> bool:

@@ -29,8 +29,12 @@ TINY_CONFIGS = {
     "qwen3": lambda: Qwen3Config(**TINY, head_dim=16, rope_theta=10000.0),
     "llama-yarn": lambda: LlamaConfig(
         **TINY,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 1024},
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
     ),
 }
 

@@ -23,8 +23,15 @@ def test_one_worker_reproduces_generate_on_cuda(tokenizer, name):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_workers_match_their_views_on_cuda(tokenizer, layout):
     engine = build_tiny_engine("qwen3", tokenizer, device="cuda")
-    run = engine.start(PROMPT, n_workers=4, layout=layout, protocol=named_script(PROMPT, 4),
-                       max_new_tokens=40, temperature=1.0, seed=1)
+    run = engine.start(
+        PROMPT,
+        n_workers=4,
+        layout=layout,
+        protocol=named_script(PROMPT, 4),
+        max_new_tokens=40,
+        temperature=1.0,
+        seed=1,
+    )
     assert drive_and_check(run, 16) >= 48
 
 

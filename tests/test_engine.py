@@ -33,8 +33,15 @@ def test_each_step_encodes_only_the_new_tokens(tiny_engines, layout):
     engine = tiny_engines["llama"]
     counter = TokenCounter(engine)
     try:
-        run = engine.start(PROMPT, n_workers=3, layout=layout, protocol=named_script(PROMPT, 3),
-                           max_new_tokens=30, temperature=1.0, seed=0)
+        run = engine.start(
+            PROMPT,
+            n_workers=3,
+            layout=layout,
+            protocol=named_script(PROMPT, 3),
+            max_new_tokens=30,
+            temperature=1.0,
+            seed=0,
+        )
         setup = run.forward_tokens
         headers = sum(len(engine.encode(t)) for t in (run.script.others_header, *run.script.own_headers))
         assert setup == run.prompt_tokens - run.reused_tokens + headers
@@ -57,8 +64,15 @@ def test_each_step_encodes_only_the_new_tokens(tiny_engines, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_kv_memory_holds_each_token_once(tiny_engines, layout):
     engine = tiny_engines["qwen3"]
-    run = engine.start(PROMPT, n_workers=4, layout=layout, protocol=named_script(PROMPT, 4),
-                       max_new_tokens=40, temperature=1.0, seed=2)
+    run = engine.start(
+        PROMPT,
+        n_workers=4,
+        layout=layout,
+        protocol=named_script(PROMPT, 4),
+        max_new_tokens=40,
+        temperature=1.0,
+        seed=2,
+    )
     longest = {g: 0 for g in (SHARED, HEADERS, STEPS)}
     initial = {g: run.cache.groups[g].capacity for g in longest}
     for step in range(40):
@@ -95,7 +109,9 @@ def test_budgets_stop_strings_and_eos(smol_engine):
     assert stopped.workers[0].finish_reason == "stop"
     assert " 6" not in stopped.workers[0].text and stopped.workers[0].text.strip().endswith("5,")
 
-    eos = smol_engine.generate(smol_engine.chat_prompt("What is 12*7? Explain briefly."), n_workers=1, max_new_tokens=60)
+    eos = smol_engine.generate(
+        smol_engine.chat_prompt("What is 12*7? Explain briefly."), n_workers=1, max_new_tokens=60
+    )
     assert eos.workers[0].finish_reason == "stop"
     assert not set(eos.workers[0].token_ids) & smol_engine.eos_token_ids
 

@@ -14,7 +14,10 @@ from hogwild_agents import LAYOUTS, HogwildEngine
 from hogwild_agents.reference import from_scratch_logits, view_kv_logits
 from tests.conftest import TINY_CONFIGS, named_script
 
-PROMPT = "<|im_start|>user\nList three prime numbers and explain why they are prime.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = (
+    "<|im_start|>user\nList three prime numbers and explain why they are prime.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 # 16-bit runs are compared with the model's own 16-bit attention over the same view. On these tiny
@@ -33,7 +36,9 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rel: float
 def hf_greedy(engine: HogwildEngine, prompt: str, n: int) -> list[int]:
     ids = torch.tensor([engine.encode(prompt)])
     with torch.inference_mode():
-        out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        out = engine.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+        )
     new = out[0, ids.shape[1] :].tolist()
     return [t for t in new if t not in engine.eos_token_ids]
 
@@ -107,8 +112,15 @@ def drive_and_check(run, steps: int, *, force_every: int = 5, inject_at: int = 6
 def test_every_worker_matches_its_materialised_view(tiny_engines, layout, n_workers, name):
     engine = tiny_engines[name]
     script = named_script(PROMPT, n_workers)
-    run = engine.start(PROMPT, n_workers=n_workers, layout=layout, protocol=script,
-                       max_new_tokens=40, temperature=1.0, seed=n_workers)
+    run = engine.start(
+        PROMPT,
+        n_workers=n_workers,
+        layout=layout,
+        protocol=script,
+        max_new_tokens=40,
+        temperature=1.0,
+        seed=n_workers,
+    )
     checks = drive_and_check(run, 16)
     assert checks >= 12 * n_workers
     if layout != "contiguous":
@@ -118,14 +130,22 @@ def test_every_worker_matches_its_materialised_view(tiny_engines, layout, n_work
 @pytest.mark.parametrize("name", ["qwen2", "llama-yarn"])
 def test_other_architectures_match_their_views(tiny_engines, name):
     engine = tiny_engines[name]
-    run = engine.start(PROMPT, n_workers=3, protocol=named_script(PROMPT, 3), max_new_tokens=30,
-                       temperature=1.0, seed=1)
+    run = engine.start(
+        PROMPT, n_workers=3, protocol=named_script(PROMPT, 3), max_new_tokens=30, temperature=1.0, seed=1
+    )
     assert drive_and_check(run, 12) >= 30
 
 
 def test_embedded_model_workers_match_their_views(smol_engine):
-    run = smol_engine.start(PROMPT, n_workers=3, layout="combined", protocol=named_script(PROMPT, 3),
-                            max_new_tokens=30, temperature=0.8, seed=5)
+    run = smol_engine.start(
+        PROMPT,
+        n_workers=3,
+        layout="combined",
+        protocol=named_script(PROMPT, 3),
+        max_new_tokens=30,
+        temperature=0.8,
+        seed=5,
+    )
     assert drive_and_check(run, 10) >= 24
 
 
@@ -133,8 +153,14 @@ def test_embedded_model_workers_match_their_views(smol_engine):
 def test_fast_path_equals_eager_reference(tiny_engines, layout):
     engine = tiny_engines["qwen3"]
     runs = [
-        engine.start(PROMPT, n_workers=4, layout=layout, protocol=named_script(PROMPT, 4), max_new_tokens=30,
-                     attention=attention)
+        engine.start(
+            PROMPT,
+            n_workers=4,
+            layout=layout,
+            protocol=named_script(PROMPT, 4),
+            max_new_tokens=30,
+            attention=attention,
+        )
         for attention in ("fast", "eager")
     ]
     for step in range(20):
@@ -165,8 +191,9 @@ def test_first_step_equals_from_scratch_for_every_worker(tiny_engines, layout):
 
 def test_contiguous_workers_see_each_others_tokens_at_once(tiny_engines):
     engine = tiny_engines["llama"]
-    run = engine.start(PROMPT, n_workers=2, layout="contiguous", protocol=named_script(PROMPT, 2),
-                       max_new_tokens=10)
+    run = engine.start(
+        PROMPT, n_workers=2, layout="contiguous", protocol=named_script(PROMPT, 2), max_new_tokens=10
+    )
     run.step()
     run.step()
     alice_stream = run.workers[0].stream
@@ -178,8 +205,9 @@ def test_contiguous_workers_see_each_others_tokens_at_once(tiny_engines):
 
 def test_interleaved_hides_steps_in_progress(tiny_engines):
     engine = tiny_engines["llama"]
-    run = engine.start(PROMPT, n_workers=2, layout="interleaved", protocol=named_script(PROMPT, 2),
-                       max_new_tokens=20)
+    run = engine.start(
+        PROMPT, n_workers=2, layout="interleaved", protocol=named_script(PROMPT, 2), max_new_tokens=20
+    )
     for _ in range(3):
         run.step()
     alice_block = run.cache.token_ids(2, 0)
@@ -195,8 +223,9 @@ def test_half_precision_tracks_the_reference(tokenizer, dtype, attention):
     from tests.conftest import build_tiny_engine
 
     engine = build_tiny_engine("llama", tokenizer, dtype=dtype)
-    run = engine.start(PROMPT, n_workers=3, protocol=named_script(PROMPT, 3), max_new_tokens=12,
-                       attention=attention)
+    run = engine.start(
+        PROMPT, n_workers=3, protocol=named_script(PROMPT, 3), max_new_tokens=12, attention=attention
+    )
     for _ in range(8):
         expected = {w.index: view_kv_logits(run, w.index) for w in run.workers if w.pending}
         record = run.step()
