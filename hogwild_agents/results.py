@@ -18,6 +18,7 @@ class StepRecord:
         logits: worker -> next-token logits [vocab] (fp32) for every worker that chose this step.
         chosen: worker -> token ids it chose (one sampled token, or forced/header/interjection ids).
         sources: worker -> "sampled", "forced", "header" or "interjection".
+        texts: worker -> the text its chosen tokens add to its stream.
         views: worker -> the exact token ids that worker's last forward attended to, in view order.
         forward_tokens: tokens the model processed in this step (the rows' new tokens, nothing else).
         finished: workers that finished in this step, with their finish reasons.
@@ -27,9 +28,20 @@ class StepRecord:
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
     chosen: dict[int, list[int]] = field(default_factory=dict)
     sources: dict[int, str] = field(default_factory=dict)
+    texts: dict[int, str] = field(default_factory=dict)
     views: dict[int, list[int]] = field(default_factory=dict)
     forward_tokens: int = 0
     finished: dict[int, FinishReason] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One entry of a run's timeline: text a worker chose, or a block injected into the history."""
+
+    step: int
+    worker: int | None  # None for blocks every worker sees (injections, tool results)
+    kind: str  # "sampled", "forced", "header", "interjection", "inject", ...
+    text: str
 
 
 @dataclass(frozen=True)
@@ -64,3 +76,4 @@ class HogwildResult:
     usage: Usage
     steps: int
     finish_reason: FinishReason
+    trace: list[TraceEvent] = field(default_factory=list)

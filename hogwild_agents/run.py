@@ -21,7 +21,7 @@ import torch
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
 from hogwild_agents.errors import ContextLengthError
 from hogwild_agents.plan import ForwardPlan, RowPlan, Segment
-from hogwild_agents.results import HogwildResult, StepRecord, Usage, WorkerResult
+from hogwild_agents.results import HogwildResult, StepRecord, TraceEvent, Usage, WorkerResult
 from hogwild_agents.sampling import SamplingParams, choose_tokens
 from hogwild_agents.script import RunScript
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("contiguous", "interleaved", "combined")
 PREFILL_CHUNK = 512  # prompt tokens per forward while prefilling
+DECODE_CONTEXT = 8  # tokens of left context when decoding a stream's newest text
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,14 @@ class WorkerState:
     def text(self) -> str:
         return self.decode(self.stream)
 
+    def text_delta(self, n_new: int) -> str:
+        """Text the last `n_new` stream tokens add (decoded with a few tokens of left context, so that
+        characters split across tokens come out whole)."""
+        start = max(0, len(self.stream) - n_new - DECODE_CONTEXT)
+        before = self.decode(self.stream[start : len(self.stream) - n_new])
+        after = self.decode(self.stream[start:])
+        return after[len(before) :] if after.startswith(before) else after
+
 
 class HogwildRun:
     """A run in progress. Create with `HogwildEngine.start`; drive with `step()` or `generate` it."""
@@ -105,6 +114,7 @@ class HogwildRun:
         self.generator = sampling.generator()
         self.steps_taken = 0
         self.forward_tokens = 0
+        self.trace: list[TraceEvent] = []  # every text a worker chose and every injected block, in order
         n = len(script.worker_names)
         self.workers = [
             WorkerState(i, name, engine.decode, budget=limits.max_new_tokens)
@@ -139,6 +149,8 @@ class HogwildRun:
             worker.pending = engine.encode(script.step_header(worker.index, 1))
             worker.stream.extend(worker.pending)
             worker.step_ids.extend(worker.pending)
+            if worker.pending:
+                self.trace.append(TraceEvent(0, worker.index, "header", worker.text))
 
     # ---- views ---------------------------------------------------------------------------------
     def _segments(self, worker: int) -> list[Segment]:
@@ -224,6 +236,7 @@ class HogwildRun:
             return
         self.cache.reserve(SHARED, 0, len(ids))
         self._forward([RowPlan(tuple(ids), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
+        self.trace.append(TraceEvent(self.steps_taken, None, "inject", self.engine.decode(ids)))
 
     def force(self, worker: int, token_ids: str | Sequence[int]) -> None:
         """Make `worker` choose these tokens at the next step instead of sampling."""
@@ -303,6 +316,9 @@ class HogwildRun:
                 ids, source = [sampled[w.index]], "sampled"
             record.chosen[w.index], record.sources[w.index] = ids, source
             self._accept(w, ids, source)
+            if w.stream[-len(ids) :] == ids:
+                record.texts[w.index] = text = w.text_delta(len(ids))
+                self.trace.append(TraceEvent(record.index, w.index, source, text))
             if w.finished:
                 record.finished[w.index] = w.finish_reason
         budget = self.limits.max_total_tokens
@@ -403,4 +419,5 @@ class HogwildRun:
             usage=Usage(self.prompt_tokens, sum(w.generated for w in self.workers), self.forward_tokens),
             steps=self.steps_taken,
             finish_reason="length" if "length" in reasons else "stop",
+            trace=list(self.trace),
         )

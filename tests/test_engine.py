@@ -219,3 +219,20 @@ def test_a_run_reuses_the_prompt_prefix_of_the_previous_run(tiny_engines):
         assert a.chosen == b.chosen
         for worker, logits in a.logits.items():
             assert_logits_close(logits, b.logits[worker])
+
+
+def test_step_texts_and_trace_rebuild_each_stream(smol_engine):
+    run = smol_engine.start(PROMPT, n_workers=2, protocol=named_script(PROMPT, 2), max_new_tokens=25)
+    pieces = {w: [e.text for e in run.trace if e.worker == w] for w in (0, 1)}  # the opening step headers
+    assert pieces[1] == ["**Bob [1]:** "]
+    while not run.done:
+        for worker, text in run.step().texts.items():
+            pieces[worker].append(text)
+    run.inject("A note.")
+    result = run.result()
+    for worker in (0, 1):
+        assert "".join(pieces[worker]) == result.workers[worker].text
+        traced = "".join(e.text for e in result.trace if e.worker == worker)
+        assert traced == result.workers[worker].text
+    assert result.trace[-1].kind == "inject" and result.trace[-1].text == "A note."
+    assert {e.kind for e in result.trace if e.worker is not None} >= {"header", "sampled"}
