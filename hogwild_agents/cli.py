@@ -7,10 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
 
 from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.live import LiveView
 from hogwild_agents.results import StepRecord
 from hogwild_agents.run import LAYOUTS
+from hogwild_agents.transcript import render_html
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, help="model directory, id or .gguf file (default: embedded)")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    run.add_argument("--json", action="store_true", help="print the machine-readable result instead")
+    run.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead")
+    run.add_argument(
+        "--transcript",
+        metavar="PATH",
+        default=None,
+        help="also write a self-contained HTML page of the run to PATH",
+    )
+    run.add_argument(
+        "--view",
+        choices=("auto", "live", "plain"),
+        default="auto",
+        help="live: columns per worker (needs a terminal); plain: streamed text; auto: live on a terminal",
+    )
     return parser
 
 
@@ -75,15 +92,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     messages = [{"role": "user", "content": args.question}]
     if args.json:
         result = engine.generate(messages, **options)
+        if args.transcript:
+            Path(args.transcript).write_text(render_html(result, title=args.question), encoding="utf-8")
         print(json.dumps(asdict(result), indent=2))
         return 0
+    console = Console()
+    live = args.view == "live" or (args.view == "auto" and console.is_terminal)
     with engine.lock:
         run = engine.start(messages, **options)
-        show = _live_printer(engine, [w.name for w in run.workers])
-        while not run.done:
-            show(run.step())
-        run.conclude()
+        if live:
+            with LiveView(run, console) as view:
+                while not run.done:
+                    view.update(run.step())
+                run.conclude()
+        else:
+            show = _live_printer(engine, [w.name for w in run.workers])
+            while not run.done:
+                show(run.step())
+            run.conclude()
         result = run.result()
+    if args.transcript:
+        Path(args.transcript).write_text(render_html(result, title=args.question), encoding="utf-8")
     usage = result.usage
     print(f"\n\n=== Final answer ===\n{result.final_text.strip()}")
     print(
