@@ -33,14 +33,21 @@ def worker_colour(worker: int | None) -> str:
 
 
 def merge_turns(trace: Iterable[TraceEvent]) -> list[tuple[int | None, str, str]]:
-    """Consecutive events of one writer merged into turns: (worker, kind of the first event, text)."""
+    """Events gathered into readable turns, in the order they completed: a worker's text becomes a turn
+    when it ends a non-blank line; shared blocks are turns of their own. Returns (worker, first kind, text)."""
     turns: list[tuple[int | None, str, str]] = []
+    open_turns: dict[int, tuple[str, str]] = {}
     for event in trace:
-        if turns and turns[-1][0] == event.worker and event.worker is not None:
-            worker, kind, text = turns[-1]
-            turns[-1] = (worker, kind, text + event.text)
+        if event.worker is None:
+            turns.append((None, event.kind, event.text))
+            continue
+        kind, text = open_turns.pop(event.worker, (event.kind, ""))
+        text += event.text
+        if "\n" in event.text and text.strip():
+            turns.append((event.worker, kind, text))
         else:
-            turns.append((event.worker, event.kind, event.text))
+            open_turns[event.worker] = (kind, text)
+    turns.extend((worker, kind, text) for worker, (kind, text) in sorted(open_turns.items()))
     return turns
 
 
