@@ -34,7 +34,8 @@ def worker_colour(worker: int | None) -> str:
 
 def merge_turns(trace: Iterable[TraceEvent]) -> list[tuple[int | None, str, str]]:
     """Events gathered into readable turns, in the order they completed: a worker's text becomes a turn
-    when it ends a non-blank line; shared blocks are turns of their own. Returns (worker, first kind, text)."""
+    when it ends a non-blank line; shared blocks are turns of their own.
+    Returns (worker, first kind, text) tuples."""
     turns: list[tuple[int | None, str, str]] = []
     open_turns: dict[int, tuple[str, str]] = {}
     for event in trace:
