@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hogwild_agents import attention
+from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
 from hogwild_agents.plan import ForwardPlan
 from hogwild_agents.prompt_cache import PromptCache
@@ -136,6 +137,9 @@ class HogwildEngine:
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         tools: Sequence[dict] | None = None,
+        engine_tools: Sequence[Any] | ToolRunner | None = None,
+        tool_timeout_s: float = DEFAULT_TIMEOUT_S,
+        hooks: Hooks | None = None,
         attention: str = "fast",
     ) -> HogwildRun:
         """Prefill the prompt and return a run to drive with `step()`.
@@ -144,14 +148,21 @@ class HogwildEngine:
         with the model's chat template), or token ids (raw runs only). `protocol`: None (no collaboration
         text: each worker continues the prompt), a shipped protocol name, a Protocol, or a RunScript.
         `tools`: OpenAI-format tool schemas rendered into the prompt (by the protocol, or by the model's
-        chat template when protocol is None).
+        chat template when protocol is None). `engine_tools`: tools run INSIDE the run (LangChain tools
+        or typed callables): a call written by any worker runs with `tool_timeout_s`, and its result
+        becomes a shared block every worker sees; their schemas join `tools` in the prompt.
+        `hooks`: callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished).
         """
         if not 1 <= n_workers <= MAX_WORKERS:
             raise ValueError(f"n_workers must be between 1 and {MAX_WORKERS}, got {n_workers}")
         token_prompt = not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], int)
         if token_prompt and protocol is not None:
             raise ValueError("Token-id prompts run without a protocol; pass text or messages instead.")
-        script = self.script("" if token_prompt else prompt, n_workers, layout, protocol, tools)
+        runner = engine_tools
+        if engine_tools is not None and not isinstance(engine_tools, ToolRunner):
+            runner = ToolRunner(engine_tools, timeout_s=tool_timeout_s)
+        prompt_tools = [*(tools or ()), *(runner.schemas if runner else ())]
+        script = self.script("" if token_prompt else prompt, n_workers, layout, protocol, prompt_tools)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return HogwildRun(
             self,
@@ -161,6 +172,8 @@ class HogwildEngine:
             limits=RunLimits(max_new_tokens=max_new_tokens, max_total_tokens=max_total_tokens, stop=stops),
             attention=attention,
             prompt_ids=list(prompt) if token_prompt else None,
+            tool_runner=runner,
+            hooks=hooks,
         )
 
     def generate(
@@ -173,12 +186,16 @@ class HogwildEngine:
         """Run to completion and return the result; options are those of `start`."""
         with self.lock:
             run = self.start(prompt, **options)
-            while not run.done:
-                record = run.step()
-                if on_step is not None:
-                    on_step(record)
-            run.conclude()  # the protocol's finisher, when the budget ended without an answer
-            return run.result()
+            try:
+                while not run.done:
+                    record = run.step()
+                    if on_step is not None:
+                        on_step(record)
+                run.conclude()  # the protocol's finisher, when the budget ended without an answer
+                return run.result()
+            finally:
+                if run.tool_runner is not None and not isinstance(options.get("engine_tools"), ToolRunner):
+                    run.tool_runner.close()
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -20,10 +20,12 @@ import torch
 
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
 from hogwild_agents.errors import ContextLengthError
+from hogwild_agents.hooks import Hooks, ToolCall, ToolRunner
 from hogwild_agents.plan import ForwardPlan, RowPlan, Segment
 from hogwild_agents.results import HogwildResult, StepRecord, TraceEvent, Usage, WorkerResult
 from hogwild_agents.sampling import SamplingParams, choose_tokens
 from hogwild_agents.script import RunScript
+from hogwild_agents.tool_calls import CLOSE, find_tool_call
 
 if TYPE_CHECKING:
     from hogwild_agents.engine import HogwildEngine
@@ -65,6 +67,8 @@ class WorkerState:
     forced: list[int] = field(default_factory=list)
     header_due: list[int] = field(default_factory=list)
     closing: bool = False
+    waiting: ToolCall | None = None  # a tool call of this worker still running
+    scan_from: int = 0  # text offset from which to look for the worker's next tool call
     finish_reason: str | None = None
     last_logits: torch.Tensor | None = None
 
@@ -98,6 +102,8 @@ class HogwildRun:
         limits: RunLimits | None = None,
         attention: str = "fast",
         prompt_ids: Sequence[int] | None = None,
+        tool_runner: ToolRunner | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
@@ -105,6 +111,9 @@ class HogwildRun:
             raise ValueError(f"Unknown attention {attention!r}; choose 'fast' or 'eager'.")
         self.engine = engine
         self.script = script
+        self.tool_runner = tool_runner
+        self.hooks = hooks or Hooks()
+        self.tool_calls: list[ToolCall] = []
         self.layout = layout
         sampling = sampling or SamplingParams()
         limits = limits or RunLimits()
@@ -229,14 +238,14 @@ class HogwildRun:
             self.engine.prompt_cache.copy_into(self.cache, prompt[:reused])
         return reused
 
-    def inject(self, text_or_ids: str | Sequence[int]) -> None:
+    def inject(self, text_or_ids: str | Sequence[int], kind: str = "inject") -> None:
         """Append a block to the shared history; every worker's view contains it from the next step."""
         ids = self.engine.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
         if not ids:
             return
         self.cache.reserve(SHARED, 0, len(ids))
         self._forward([RowPlan(tuple(ids), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
-        self.trace.append(TraceEvent(self.steps_taken, None, "inject", self.engine.decode(ids)))
+        self.trace.append(TraceEvent(self.steps_taken, None, kind, self.engine.decode(ids)))
 
     def force(self, worker: int, token_ids: str | Sequence[int]) -> None:
         """Make `worker` choose these tokens at the next step instead of sampling."""
@@ -258,6 +267,7 @@ class HogwildRun:
         if self.done:
             raise RuntimeError("The run has finished; start a new run.")
         record = StepRecord(index=self.steps_taken)
+        self.poll_tools()
         fed = [w for w in self.workers if w.pending]
         if fed:
             for w in fed:
@@ -274,6 +284,8 @@ class HogwildRun:
                     self._close_step(w)
         self._choose(record)
         self.steps_taken += 1
+        if self.hooks.on_step is not None:
+            self.hooks.on_step(record)
         return record
 
     def _close_step(self, worker: WorkerState) -> None:
@@ -281,6 +293,8 @@ class HogwildRun:
         worker.closing = False
         if self.layout == "contiguous":
             return
+        if self.hooks.on_step_finished is not None:
+            self.hooks.on_step_finished(worker.index, self.engine.decode(worker.step_ids))
         self.cache.move_to_shared(worker.index)
         worker.step_ids = []
         if not worker.finished:
@@ -288,7 +302,7 @@ class HogwildRun:
             worker.header_due = self.engine.encode(self.script.step_header(worker.index, worker.step_index))
 
     def _choose(self, record: StepRecord) -> None:
-        active = [w for w in self.workers if not w.finished]
+        active = [w for w in self.workers if not w.finished and w.waiting is None]
         to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
         sampled = {}
         if to_sample:
@@ -319,6 +333,10 @@ class HogwildRun:
             if w.stream[-len(ids) :] == ids:
                 record.texts[w.index] = text = w.text_delta(len(ids))
                 self.trace.append(TraceEvent(record.index, w.index, source, text))
+                if self.hooks.on_token is not None:
+                    self.hooks.on_token(w.index, text)
+                if self.tool_runner is not None and ">" in text and not w.finished:
+                    self._start_tool_call(w, record.index)
             if w.finished:
                 record.finished[w.index] = w.finish_reason
         budget = self.limits.max_total_tokens
@@ -327,6 +345,47 @@ class HogwildRun:
                 if not w.finished:
                     self._finish(w, "length")
                     record.finished[w.index] = "length"
+
+    def _start_tool_call(self, worker: WorkerState, step: int) -> None:
+        """If the worker just completed a tool call, start it and pause the worker until it returns."""
+        text = worker.text
+        if CLOSE not in text[worker.scan_from :]:
+            return
+        match = find_tool_call(text, worker.scan_from)
+        if match is None:
+            return
+        worker.scan_from = match.end
+        call = self.tool_runner.submit(match, worker.index, worker.name, step)
+        self.tool_calls.append(call)
+        worker.waiting = call
+        worker.closing = True  # the step holding the call joins the history before its result
+        label = f"{worker.name} called {match.name or '(malformed call)'}: {match.raw}"
+        self.trace.append(TraceEvent(step, None, "tool_call", label))
+        if self.hooks.on_tool_call is not None:
+            self.hooks.on_tool_call(call)
+
+    def poll_tools(self) -> None:
+        """Inject every finished tool result as a shared block and resume its caller. When every
+        unfinished worker is waiting for a tool, wait for the earliest call."""
+        waiting = [w for w in self.workers if w.waiting is not None and not w.pending]  # call written
+        if not waiting:
+            return
+        blocked = all(w.finished or w.waiting is not None for w in self.workers) and not any(
+            w.pending for w in self.workers
+        )
+        for i, worker in enumerate(waiting):
+            call = worker.waiting
+            if not self.tool_runner.poll(call, wait=blocked and i == 0):
+                continue
+            block = (
+                self.script.tool_result.replace("{tool}", str(call.name))
+                .replace("{worker}", call.worker_name)
+                .replace("{result}", call.result)
+            )
+            self.inject(block, kind="tool_result")
+            worker.waiting = None
+            if self.hooks.on_tool_result is not None:
+                self.hooks.on_tool_result(call)
 
     def _interjection_due(self, worker: WorkerState) -> bool:
         return bool(self.script.interjection) and worker.since_interjection >= self.script.interjection_period

@@ -7,18 +7,16 @@ script (no names, no headers): with one worker it is ordinary generation.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*$")
+from hogwild_agents.segmentation import is_step_end
 
 
 def ends_at_paragraph_break(step_text: str) -> bool:
-    """Default step segmentation: a step ends at a blank line, never inside an open code fence."""
-    if not _PARAGRAPH_BREAK.search(step_text):
-        return False
-    return step_text.count("```") % 2 == 0
+    """Default step segmentation: a step ends at a blank line, never inside an open code fence or
+    display-math block (see `hogwild_agents.segmentation`)."""
+    return is_step_end(step_text)
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,8 @@ class RunScript:
             that worker; None disables interjections.
         finisher: suffix that forces a final answer when the budget ends without one ("" disables).
         extract_answer: `(text) -> answer or None`, the final answer found in a worker's text.
+        tool_result: format of the shared block an in-engine tool's result becomes, with the fields
+            {tool}, {worker} and {result}.
     """
 
     prompt: str
@@ -50,6 +50,7 @@ class RunScript:
     interjection_period: int = 1024
     finisher: str = ""
     extract_answer: Callable[[str], str | None] = field(default=lambda text: None)
+    tool_result: str = "\n\n[{tool}] called by {worker} \u2192 {result}\n\n"
 
     def own_header(self, worker: int) -> str:
         return self.own_headers[worker] if self.own_headers else ""

@@ -1,0 +1,202 @@
+"""In-engine tools and run callbacks.
+
+A tool call written by ANY worker runs inside the run: the caller pauses (the others keep generating),
+the tool runs in a thread with a timeout, and its result becomes a block of the shared history that
+every worker's view holds from the next step on. Failures of every kind (an exception, a timeout, a
+malformed or unknown call, output that is not text) become visible error results; the run goes on.
+Only registered tools run, and nothing in model output is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from hogwild_agents.tool_calls import ToolCallMatch
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_RESULT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class EngineTool:
+    """A callable the engine may run: `func(**arguments)`, sync or async, described by an OpenAI schema."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    func: Callable[..., Any]
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI-format tool schema rendered into prompts."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    @classmethod
+    def from_any(cls, tool: Any) -> EngineTool:
+        """Wrap a LangChain tool (`@tool`, BaseTool), an EngineTool, or a plain typed, documented callable."""
+        if isinstance(tool, EngineTool):
+            return tool
+        from langchain_core.tools import BaseTool
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        function = convert_to_openai_tool(tool)["function"]
+        if isinstance(tool, BaseTool):
+            func = _langchain_caller(tool)
+        elif callable(tool):
+            func = tool
+        else:
+            raise TypeError(f"Cannot use {tool!r} as a tool: pass a LangChain tool or a callable.")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        return cls(function["name"], function.get("description", ""), parameters, func)
+
+
+def _langchain_caller(tool: Any) -> Callable[..., Any]:
+    def call(**arguments: Any) -> Any:
+        try:
+            return tool.invoke(arguments)
+        except NotImplementedError:  # async-only tools
+            return asyncio.run(tool.ainvoke(arguments))
+
+    return call
+
+
+@dataclass
+class Hooks:
+    """Callbacks a run calls: on_step(record), on_token(worker, text), on_tool_call(call),
+    on_tool_result(call), on_step_finished(worker, step_text). Exceptions in callbacks propagate."""
+
+    on_step: Callable[[Any], None] | None = None
+    on_token: Callable[[int, str], None] | None = None
+    on_tool_call: Callable[[ToolCall], None] | None = None
+    on_tool_result: Callable[[ToolCall], None] | None = None
+    on_step_finished: Callable[[int, str], None] | None = None
+
+
+@dataclass
+class ToolCall:
+    """One call made by a worker, and (once done) its result."""
+
+    id: str
+    worker: int
+    worker_name: str
+    name: str | None
+    arguments: dict[str, Any]
+    raw: str
+    step: int
+    result: str | None = None
+    error: bool = False
+    future: Future | None = field(default=None, repr=False)
+    started: float = field(default_factory=time.monotonic, repr=False)
+    finished: float | None = field(default=None, repr=False)  # when the tool returned
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+def stringify(value: Any) -> str:
+    """Tool output as text: bytes decoded (invalid UTF-8 replaced), objects as JSON where possible."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    content = getattr(value, "content", None)  # a LangChain ToolMessage
+    if isinstance(content, str):
+        return content
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class ToolRunner:
+    """Runs registered tools for one engine, each call in a thread, each with a timeout."""
+
+    def __init__(
+        self,
+        tools: Sequence[Any],
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_result_chars: int = DEFAULT_MAX_RESULT_CHARS,
+        max_parallel: int = 4,
+    ) -> None:
+        self.tools = {t.name: t for t in (EngineTool.from_any(tool) for tool in tools)}
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.max_result_chars = max_result_chars
+        self.executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="hogwild-tool")
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    @property
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema for t in self.tools.values()]
+
+    def submit(self, match: ToolCallMatch, worker: int, worker_name: str, step: int) -> ToolCall:
+        """Start a call (or settle it at once with an error result if it cannot run)."""
+        with self._lock:
+            self._counter += 1
+            call_id = f"call_{self._counter}"
+        call = ToolCall(call_id, worker, worker_name, match.name, match.arguments, match.raw, step)
+        if not match.valid:
+            self._settle(call, f"Error: malformed tool call: {match.error}.", error=True)
+        elif match.name not in self.tools:
+            known = ", ".join(sorted(self.tools)) or "none"
+            self._settle(call, f"Error: unknown tool {match.name!r}; available tools: {known}.", error=True)
+        else:
+            call.future = self.executor.submit(self._invoke, self.tools[match.name], match.arguments)
+            call.future.add_done_callback(lambda _: setattr(call, "finished", time.monotonic()))
+        return call
+
+    @staticmethod
+    def _invoke(tool: EngineTool, arguments: dict[str, Any]) -> Any:
+        result = tool.func(**arguments)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+        return result
+
+    def poll(self, call: ToolCall, wait: bool = False) -> bool:
+        """Settle `call` if its tool finished (or timed out); with `wait`, block until it does."""
+        if call.done:
+            return True
+        assert call.future is not None
+        remaining = self.timeout_s - (time.monotonic() - call.started)
+        if not wait and not call.future.done() and remaining > 0:
+            return False
+        try:
+            value = call.future.result(timeout=max(remaining, 0))
+            if call.finished is not None and call.finished - call.started > self.timeout_s:
+                raise TimeoutError  # it returned, but after its deadline
+        except TimeoutError:
+            call.future.cancel()
+            self._settle(call, f"Error: {call.name} timed out after {self.timeout_s:g} s.", error=True)
+        except Exception as exc:  # a failing tool is a visible result, never a crash
+            self._settle(call, f"Error: {call.name} raised {type(exc).__name__}: {exc}", error=True)
+        else:
+            self._settle(call, stringify(value), error=False)
+        return True
+
+    def _settle(self, call: ToolCall, text: str, error: bool) -> None:
+        if len(text) > self.max_result_chars:
+            dropped = len(text) - self.max_result_chars
+            text = text[: self.max_result_chars] + f"\n[... output truncated: {dropped} more characters]"
+        call.result, call.error = text, error
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

@@ -1,0 +1,126 @@
+"""Finding and parsing tool calls in a worker's text.
+
+The format is the one Qwen/Hermes-style chat templates define, and the library's default for models
+whose template has none: `<tool_call>{"name": "...", "arguments": {...}}</tool_call>`.
+Nothing here evaluates model output: the body is parsed as JSON and checked, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+@dataclass(frozen=True)
+class ToolCallMatch:
+    """A complete `<tool_call>...</tool_call>` span: a valid call, or the reason it is malformed."""
+
+    start: int
+    end: int  # index just past the closing tag
+    raw: str  # the text between the tags
+    name: str | None = None
+    arguments: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+
+def parse_call_body(raw: str) -> tuple[str | None, dict[str, Any], str | None]:
+    """(name, arguments, error) from the JSON between the tags."""
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as err:
+        return None, {}, f"tool call is not valid JSON ({err.msg} at char {err.pos})"
+    if not isinstance(body, dict):
+        return None, {}, "tool call must be a JSON object with 'name' and 'arguments'"
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None, {}, "tool call has no 'name' string"
+    arguments = body.get("arguments", body.get("parameters", {}))
+    if isinstance(arguments, str):  # some models encode arguments as a JSON string
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return name, {}, f"arguments of {name!r} are a string that is not JSON"
+    if not isinstance(arguments, dict):
+        return name, {}, f"arguments of {name!r} must be a JSON object"
+    return name.strip(), arguments, None
+
+
+def find_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:
+    """The first complete tool call that begins at or after `start`, or None."""
+    opening = text.find(OPEN, start)
+    if opening < 0:
+        return None
+    body_start = opening + len(OPEN)
+    closing = text.find(CLOSE, body_start)
+    if closing < 0:
+        return None
+    raw = text[body_start:closing].strip()
+    name, arguments, error = parse_call_body(raw)
+    return ToolCallMatch(opening, closing + len(CLOSE), raw, name, arguments, error)
+
+
+def find_tool_calls(text: str) -> list[ToolCallMatch]:
+    """Every complete tool call in `text`, in order."""
+    found, position = [], 0
+    while (match := find_tool_call(text, position)) is not None:
+        found.append(match)
+        position = match.end
+    return found
+
+
+def has_open_tool_call(text: str) -> bool:
+    """True while a `<tool_call>` is open (its closing tag not yet written)."""
+    return text.rfind(OPEN) > text.rfind(CLOSE)
+
+
+@dataclass(frozen=True)
+class ParsedToolCall:
+    """A tool call as a chat model reports it: valid (`error` None) or malformed (`error` says why)."""
+
+    name: str | None
+    arguments: dict[str, Any]
+    raw: str  # the text between the tags
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def from_match(cls, match: ToolCallMatch) -> ParsedToolCall:
+        return cls(match.name, dict(match.arguments), match.raw, match.error)
+
+
+def parse_tool_calls(text: str) -> list[ParsedToolCall]:
+    """Every tool call in `text`, in order. A call whose closing tag is missing (the text ended inside
+    it) is reported as malformed; text outside the tags is ignored. Never raises on any input."""
+    matches = find_tool_calls(text)
+    calls = [ParsedToolCall.from_match(match) for match in matches]
+    tail_start = matches[-1].end if matches else 0
+    opening = text.find(OPEN, tail_start)
+    if opening >= 0:
+        raw = text[opening + len(OPEN) :].strip()
+        name, arguments, error = parse_call_body(raw)
+        calls.append(ParsedToolCall(name, arguments, raw, error or "tool call was not closed"))
+    return calls
+
+
+def find_complete_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:
+    """While streaming: the first tool call from `start` on whose closing tag has been written, else None."""
+    return find_tool_call(text, start)
+
+
+def open_tag_prefix_length(text: str) -> int:
+    """Length of the longest suffix of `text` that could begin a `<tool_call>` tag (for holding it back
+    while streaming text that may turn into a tool call)."""
+    for length in range(min(len(OPEN), len(text)), 0, -1):
+        if OPEN.startswith(text[-length:]):
+            return length
+    return 0

@@ -1,0 +1,271 @@
+"""In-engine tools: a call from any worker runs once and its result enters every worker's view."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as futures
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.tools import tool
+
+from hogwild_agents import LAYOUTS
+from hogwild_agents.builtin_tools import calculator_tool, document_search_tool, evaluate_arithmetic
+from hogwild_agents.hooks import EngineTool, Hooks, ToolRunner
+from hogwild_agents.reference import view_kv_logits
+from hogwild_agents.tool_calls import find_tool_call, find_tool_calls, has_open_tool_call
+from tests.conftest import named_script
+from tests.test_equivalence import PROMPT, assert_logits_close
+
+
+def call_text(name: str, **arguments) -> str:
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def run_until_result(run, worker: int, max_steps: int = 10) -> list[int]:
+    """Step (checking every worker against its materialised view) until the worker's call has a result
+    block in the shared history; return the shared token ids at that point."""
+    for _ in range(max_steps):
+        call = run.workers[worker].waiting
+        if call is not None and call.future is not None:  # let the tool finish (or time out) first
+            futures.wait([call.future], timeout=run.tool_runner.timeout_s + 0.1)
+        run.poll_tools()  # what step() does first; done here so the references see the same views
+        expected = {w.index: view_kv_logits(run, w.index) for w in run.workers if w.pending}
+        record = run.step()
+        for w, reference in expected.items():
+            if w in record.logits:
+                assert_logits_close(record.logits[w], reference)
+        if run.workers[worker].waiting is None and any(e.kind == "tool_result" for e in run.trace):
+            return run.cache.token_ids(0)
+    raise AssertionError("the tool result never arrived")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_call_runs_once_and_every_worker_sees_the_result(tiny_engines, layout):
+    engine = tiny_engines["llama"]
+    calls = []
+    counted = EngineTool(
+        "calculator",
+        "arithmetic",
+        calculator_tool().parameters,
+        lambda expression: calls.append(expression) or calculator_tool().func(expression),
+    )
+    run = engine.start(
+        PROMPT,
+        n_workers=3,
+        layout=layout,
+        protocol=named_script(PROMPT, 3),
+        max_new_tokens=40,
+        engine_tools=[counted],
+        temperature=1.0,
+        seed=0,
+    )
+    run.step()
+    run.force(1, call_text("calculator", expression="6 * 7"))
+    run_until_result(run, worker=1)
+    assert calls == ["6 * 7"]
+    block = engine.encode(
+        run.script.tool_result.replace("{tool}", "calculator")
+        .replace("{worker}", "Bob")
+        .replace("{result}", "42")
+    )
+    for worker in range(3):
+        view = run.view_token_ids(worker)
+        assert any(view[i : i + len(block)] == block for i in range(len(view))), f"worker {worker}"
+    assert run.tool_calls[0].result == "42" and not run.tool_calls[0].error
+    for _ in range(4):  # the run goes on, and the caller writes again
+        run.step()
+    assert run.workers[1].stream[-1] not in engine.encode("</tool_call>")
+
+
+def test_the_caller_pauses_while_others_keep_writing(tiny_engines):
+    engine = tiny_engines["llama"]
+    slow = EngineTool(
+        "slow", "waits", {"type": "object", "properties": {}}, lambda: time.sleep(0.6) or "done"
+    )
+    run = engine.start(
+        PROMPT, n_workers=2, protocol=named_script(PROMPT, 2), max_new_tokens=60, engine_tools=[slow]
+    )
+    run.step()
+    run.force(0, call_text("slow"))
+    run.step()
+    before = (run.workers[0].generated, run.workers[1].generated)
+    for _ in range(3):
+        run.step()
+    assert run.workers[0].generated == before[0]  # paused
+    assert run.workers[1].generated == before[1] + 3  # not paused
+    run.workers[0].waiting.future.result(timeout=5)
+    run.step()
+    assert run.workers[0].waiting is None and run.tool_calls[0].result == "done"
+
+
+def result_of(engine, tools, text: str, timeout_s: float = 5.0) -> str:
+    run = engine.start(
+        PROMPT,
+        n_workers=2,
+        protocol=named_script(PROMPT, 2),
+        max_new_tokens=60,
+        engine_tools=ToolRunner(tools, timeout_s=timeout_s, max_result_chars=200),
+    )
+    run.step()
+    run.force(0, text)
+    run_until_result(run, worker=0)
+    shared = engine.decode(run.cache.token_ids(0))
+    for _ in range(2):
+        run.step()
+    assert not run.workers[0].finished and not run.done  # the run continues after any failure
+    assert run.tool_calls[0].result in shared
+    return run.tool_calls[0].result
+
+
+def test_failures_become_visible_error_results(tiny_engines):
+    engine = tiny_engines["llama"]
+
+    def explode(x: int) -> str:
+        raise RuntimeError("disk on fire")
+
+    tools = [
+        EngineTool(
+            "explode", "raises", {"type": "object", "properties": {"x": {"type": "integer"}}}, explode
+        ),
+        EngineTool("hang", "hangs", {"type": "object", "properties": {}}, lambda: time.sleep(3) or "late"),
+        EngineTool("huge", "floods", {"type": "object", "properties": {}}, lambda: "x" * 5000),
+        EngineTool("raw", "bytes", {"type": "object", "properties": {}}, lambda: b"caf\xc3\xa9 \xff\xfe ok"),
+        EngineTool("data", "objects", {"type": "object", "properties": {}}, lambda: {"answer": 42}),
+        calculator_tool(),
+    ]
+    assert (
+        result_of(engine, tools, call_text("explode", x=1))
+        == "Error: explode raised RuntimeError: disk on fire"
+    )
+    assert result_of(engine, tools, call_text("hang"), timeout_s=0.3) == "Error: hang timed out after 0.3 s."
+    flooded = result_of(engine, tools, call_text("huge"))
+    assert flooded.startswith("x" * 200) and "[... output truncated: 4800 more characters]" in flooded
+    assert result_of(engine, tools, call_text("raw")) == "café \ufffd\ufffd ok"
+    assert result_of(engine, tools, call_text("data")) == '{"answer": 42}'
+    malformed = result_of(engine, tools, '<tool_call>{"name": "calculator", "arguments": {1: 2}}</tool_call>')
+    assert malformed.startswith("Error: malformed tool call: tool call is not valid JSON")
+    unknown = result_of(engine, tools, call_text("rm_rf", path="/"))
+    assert unknown.startswith("Error: unknown tool 'rm_rf'; available tools: calculator, data, explode")
+    assert result_of(engine, tools, call_text("calculator", expression="__import__('os')")).startswith(
+        "Error: calculator raised ValueError"
+    )
+
+
+def test_several_workers_call_at_once_and_async_and_langchain_tools_work(tiny_engines):
+    engine = tiny_engines["qwen3"]
+
+    @tool
+    def shout(text: str) -> str:
+        """Upper-case the text."""
+        return text.upper()
+
+    async def wait_and_echo(text: str) -> str:
+        """Echo text after an await."""
+        await asyncio.sleep(0.01)
+        return f"echo {text}"
+
+    seen: list[str] = []
+    hooks = Hooks(
+        on_tool_call=lambda c: seen.append(f"call {c.name}"),
+        on_tool_result=lambda c: seen.append(f"result {c.name}: {c.result}"),
+    )
+    run = engine.start(
+        PROMPT,
+        n_workers=3,
+        protocol=named_script(PROMPT, 3),
+        max_new_tokens=50,
+        engine_tools=[shout, EngineTool.from_any(wait_and_echo)],
+        hooks=hooks,
+    )
+    run.step()
+    run.force(0, call_text("shout", text="hi"))
+    run.force(2, call_text("wait_and_echo", text="bob"))
+    for _ in range(8):
+        for w in run.workers:
+            if w.waiting is not None and w.waiting.future is not None:
+                w.waiting.future.exception(timeout=5)
+        run.step()
+    assert sorted(seen) == [
+        "call shout",
+        "call wait_and_echo",
+        "result shout: HI",
+        "result wait_and_echo: echo bob",
+    ]
+    shared = engine.decode(run.cache.token_ids(0))
+    assert "called by Alice → HI" in shared and "called by Carol → echo bob" in shared
+    kinds = [e.kind for e in run.result().trace if e.worker is None]
+    assert kinds.count("tool_call") == 2 and kinds.count("tool_result") == 2
+
+
+def test_generate_with_engine_tools_completes(smol_engine):
+    docs = {"Paris": "Paris is the capital of France.", "Rome": "Rome is the capital of Italy."}
+    result = smol_engine.generate(
+        "What is 2+2?",
+        n_workers=2,
+        max_new_tokens=12,
+        engine_tools=[calculator_tool(), document_search_tool(docs)],
+    )
+    assert all(w.finish_reason for w in result.workers)
+
+
+def test_arithmetic_evaluator_accepts_arithmetic_only():
+    assert evaluate_arithmetic("17 * 23 + 4") == 395
+    assert evaluate_arithmetic("sqrt(16) / -2") == -2.0
+    for attack in ("__import__('os').system('ls')", "(1).__class__", "open('x')", "2 ** 99999", "a + 1"):
+        with pytest.raises(ValueError):
+            evaluate_arithmetic(attack)
+
+
+def test_document_search_ranks_by_keywords():
+    search = document_search_tool({"Paris": "capital of France", "Oslo": "capital of Norway, fjords"}).func
+    assert search(query="Norway fjords").startswith("Oslo:")
+    assert search(query="zebra") == "No document matches the query."
+
+
+def test_parser_finds_calls_and_reports_malformed_ones():
+    text = 'a <tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call> b <tool_call>[1]</tool_call>'
+    first, second = find_tool_calls(text)
+    assert (first.name, first.arguments, first.valid) == ("f", {"x": 1}, True)
+    assert not second.valid and "JSON object" in second.error
+    assert find_tool_call("<tool_call>{") is None and has_open_tool_call("x <tool_call>{")
+    assert find_tool_call(call_text("g", y=[1, 2])).arguments == {"y": [1, 2]}
+
+
+FRAGMENTS = [
+    "<tool_call>",
+    "</tool_call>",
+    "{",
+    "}",
+    '"name"',
+    '"arguments"',
+    ":",
+    ",",
+    '"f"',
+    "[",
+    "]",
+    "1",
+    '"',
+    "\\",
+    "x",
+    " ",
+    "\n",
+    "null",
+    '"{}"',
+]
+RANDOM_TEXT = st.one_of(st.text(max_size=200), st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(RANDOM_TEXT)
+def test_parser_never_crashes_on_random_text(text):
+    for match in find_tool_calls(text):
+        assert match.valid == (match.error is None)
+        assert text[match.start : match.end].startswith("<tool_call>")
+        assert text[match.start : match.end].endswith("</tool_call>")
+        if match.valid:
+            assert isinstance(match.name, str) and isinstance(match.arguments, dict)
+    has_open_tool_call(text)
