@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 REQUIRED_BLOCKS = ("system", "opening", "step_header", "others_header", "own_header", "finisher")
-OPTIONAL_BLOCKS = ("interjection",)
+OPTIONAL_BLOCKS = ("interjection", "others_separator")
 LAYOUTS = ("contiguous", "interleaved", "combined")
 WORKER_NAMES = (
     "Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi",
@@ -486,6 +486,7 @@ class Protocol:
             prompt=self._prompt(tokenizer, messages, base),
             worker_names=names,
             others_header=self._blocks.render("others_header", base),
+            others_separator=self._blocks.render("others_separator", base),
             own_headers=tuple(self._blocks.render("own_header", worker_vars(w)) for w in range(n_workers)),
             step_header=step_header,
             is_step_end=is_step_end,

@@ -69,6 +69,7 @@ class WorkerState:
     closing: bool = False
     waiting: ToolCall | None = None  # a tool call of this worker still running
     scan_from: int = 0  # text offset from which to look for the worker's next tool call
+    last_source: str = ""  # how its latest tokens were chosen
     finish_reason: str | None = None
     last_logits: torch.Tensor | None = None
 
@@ -140,15 +141,16 @@ class HogwildRun:
                 f"The prompt has {len(prompt)} tokens but the model's context is {engine.max_positions}; "
                 "shorten the prompt."
             )
-        headers = [engine.encode(script.others_header)] + [
-            engine.encode(script.own_header(i)) for i in range(n)
-        ]
+        # header slots: 0 others' header, 1..n own headers, n+1..2n the separator before worker i's step
+        separator = engine.encode(script.others_separator) if layout == "combined" else []
+        headers = [engine.encode(script.others_header)]
+        headers += [engine.encode(script.own_header(i)) for i in range(n)] + [separator] * n
         reserve = len(prompt) + (limits.max_total_tokens or limits.max_new_tokens * n) + 64
         self.cache = SharedKVCache(
             KVShape(engine.n_layers, engine.kv_heads, engine.head_dim, engine.dtype, engine.device),
             engine.rotations,
             n_workers=n,
-            n_headers=n + 1,
+            n_headers=2 * n + 1,
             shared_capacity=min(reserve, engine.max_positions),
             step_capacity=limits.max_new_tokens + 16 if layout == "contiguous" else 64,
             header_capacity=max(len(h) for h in headers) or 1,
@@ -175,12 +177,17 @@ class HogwildRun:
                 segments.append(Segment(group, slot, offset, length))
                 offset += length
 
+        n = len(self.workers)
         if self.layout == "combined":
             add(HEADERS, 0)
         if self.layout in ("combined", "contiguous"):
-            for other in range(len(self.workers)):
-                if other != worker:
+            first = True
+            for other in range(n):
+                if other != worker and cache.length(STEPS, other):
+                    if not first:
+                        add(HEADERS, 1 + n + other)  # separator between two steps in progress
                     add(STEPS, other)
+                    first = False
         if self.layout in ("combined", "interleaved"):
             add(HEADERS, 1 + worker)
         add(STEPS, worker)
@@ -302,6 +309,7 @@ class HogwildRun:
             worker.header_due = self.engine.encode(self.script.step_header(worker.index, worker.step_index))
 
     def _choose(self, record: StepRecord) -> None:
+        running = [w.index for w in self.workers if not w.finished]
         active = [w for w in self.workers if not w.finished and w.waiting is None]
         to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
         sampled = {}
@@ -315,6 +323,8 @@ class HogwildRun:
                 )
             )
         for w in active:
+            if w.finished:  # ended in this step by another worker's final answer
+                continue
             record.logits[w.index] = w.last_logits
             if w.forced:
                 ids, source, w.forced = w.forced, "forced", []
@@ -337,14 +347,12 @@ class HogwildRun:
                     self.hooks.on_token(w.index, text)
                 if self.tool_runner is not None and ">" in text and not w.finished:
                     self._start_tool_call(w, record.index)
-            if w.finished:
-                record.finished[w.index] = w.finish_reason
         budget = self.limits.max_total_tokens
         if budget is not None and not self.concluding and sum(w.generated for w in self.workers) >= budget:
             for w in self.workers:
                 if not w.finished:
                     self._finish(w, "length")
-                    record.finished[w.index] = "length"
+        record.finished = {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
 
     def _start_tool_call(self, worker: WorkerState, step: int) -> None:
         """If the worker just completed a tool call, start it and pause the worker until it returns."""
@@ -388,9 +396,15 @@ class HogwildRun:
                 self.hooks.on_tool_result(call)
 
     def _interjection_due(self, worker: WorkerState) -> bool:
-        return bool(self.script.interjection) and worker.since_interjection >= self.script.interjection_period
+        """Every `interjection_period` sampled tokens, but never right after a step header."""
+        return (
+            bool(self.script.interjection)
+            and worker.since_interjection >= self.script.interjection_period
+            and worker.last_source == "sampled"
+        )
 
     def _accept(self, worker: WorkerState, ids: list[int], source: str) -> None:
+        worker.last_source = source
         if source == "sampled" and ids[0] in self.engine.eos_token_ids:
             self._finish(worker, "stop")
             return
@@ -400,8 +414,13 @@ class HogwildRun:
         if source == "sampled":
             worker.generated += 1
             worker.since_interjection += 1
-        answered = self.concluding and source == "sampled" and self.script.extract_answer(worker.text)
-        if self._hit_stop_string(worker) or answered:
+        if source in ("sampled", "forced") and self._gave_answer(worker):
+            self._finish(worker, "stop")
+            if not self.concluding:  # the first final answer ends the work for everyone
+                for other in self.workers:
+                    if not other.finished:
+                        self._finish(other, "stop")
+        elif self._hit_stop_string(worker):
             self._finish(worker, "stop")
         elif worker.generated >= worker.budget or self.view_length(worker.index) >= self.engine.max_positions:
             self._finish(worker, "length")
@@ -411,6 +430,13 @@ class HogwildRun:
             and self.script.is_step_end(self.engine.decode(worker.step_ids))
         ):
             worker.closing = True
+
+    def _gave_answer(self, worker: WorkerState) -> bool:
+        """True when the worker's newest token completes a final answer the protocol recognises."""
+        tail = self.engine.decode(worker.stream[-2:])
+        if "}" not in tail and "\n" not in tail:
+            return False
+        return self.script.extract_answer(worker.text) is not None
 
     def _hit_stop_string(self, worker: WorkerState) -> bool:
         if not self.limits.stop:

@@ -27,6 +27,7 @@ class RunScript:
         prompt: the shared prefix every worker's view starts with (chat template applied).
         worker_names: one display name per worker.
         others_header: combined layout only: text placed before the other workers' in-progress steps.
+        others_separator: combined layout only: text placed between two of those in-progress steps.
         own_headers: combined/interleaved layouts: per worker, text placed before its own in-progress step.
         step_header: `(worker, step_index) -> text` opening each new step block of a worker (step_index
             counts from 1). In the contiguous layout only step 1 opens a block.
@@ -43,6 +44,7 @@ class RunScript:
     prompt: str
     worker_names: tuple[str, ...]
     others_header: str = ""
+    others_separator: str = ""
     own_headers: tuple[str, ...] = ()
     step_header: Callable[[int, int], str] = field(default=lambda worker, step: "")
     is_step_end: Callable[[str], bool] = field(default=ends_at_paragraph_break)

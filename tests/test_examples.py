@@ -13,6 +13,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SMALL_BUDGET = {
     "quickstart.py": ["--max-tokens", "12"],
     "step_by_step.py": ["--steps", "10"],
+    "protocols.py": ["--max-tokens", "10"],
 }
 
 

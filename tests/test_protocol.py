@@ -165,7 +165,10 @@ def test_rules_name_the_workers_and_sections(tok):
     assert "You are one of 3 workers, Alice, Bob and Carol, solving the same task together." in prompt
     assert '- "### Other workers\' current steps" shows the steps' in prompt
     assert "follow Alice's plan." in prompt
-    assert "Any worker may give the final answer, as \\boxed{answer}, once the team is sure of it." in prompt
+    assert (
+        "Any worker may give the final answer, by writing it inside \\boxed{}, once the team is sure of it."
+        in prompt
+    )
     interleaved = Protocol("collaborate").render(tok, TASK, 3, "interleaved").prompt
     assert "### Other workers' current steps" not in interleaved
     assert "\n\n\n" not in prompt
