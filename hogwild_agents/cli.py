@@ -11,8 +11,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hogwild_agents.builtin_tools import calculator_tool
 from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.live import LiveView
+from hogwild_agents.protocol import shipped_protocols
 from hogwild_agents.results import StepRecord
 from hogwild_agents.run import LAYOUTS
 from hogwild_agents.transcript import render_html
@@ -36,12 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how each worker sees the others' work (default combined)",
     )
     run.add_argument("--max-tokens", type=int, default=256, help="tokens each worker may generate")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument(
+        "--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6)"
+    )
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
     run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     run.add_argument("--model", default=None, help="model directory, id or .gguf file (default: embedded)")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    run.add_argument(
+        "--tools",
+        default="",
+        metavar="NAMES",
+        help="comma-separated built-in tools the workers may call inside the run: calculator",
+    )
     run.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead")
     run.add_argument(
         "--transcript",
@@ -55,7 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="live: columns per worker (needs a terminal); plain: streamed text; auto: live on a terminal",
     )
+    commands.add_parser("templates", help="list the shipped collaboration protocols")
+    bench = commands.add_parser("bench", help="run the benchmark against transformers baselines")
+    bench.add_argument(
+        "options", nargs=argparse.REMAINDER, help="options passed to `python -m benchmarks.run`"
+    )
     return parser
+
+
+BUILTIN_TOOLS = {"calculator": calculator_tool}
+
+
+def _engine_tools(names: str) -> list:
+    tools = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name not in BUILTIN_TOOLS:
+            raise SystemExit(f"hogwild: unknown tool {name!r}; built-in tools: {', '.join(BUILTIN_TOOLS)}")
+        tools.append(BUILTIN_TOOLS[name]())
+    return tools
 
 
 def _live_printer(engine: HogwildEngine, names: list[str]):
@@ -78,6 +105,15 @@ def _live_printer(engine: HogwildEngine, names: list[str]):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "templates":
+        for name, description in shipped_protocols().items():
+            print(f"{name:20s} {description}")
+        return 0
+    if args.command == "bench":
+        from benchmarks.run import main as bench_main
+
+        return bench_main(args.options) or 0
+    tools = _engine_tools(args.tools)
     engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     protocol = None if args.protocol.lower() == "none" else args.protocol
     options = dict(
@@ -88,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        engine_tools=tools or None,
     )
     messages = [{"role": "user", "content": args.question}]
     if args.json:
@@ -102,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = engine.start(messages, **options)
         if live:
             with LiveView(run, console) as view:
+                run.hooks.on_tool_call = lambda c: view.note(f"{c.worker_name} calls {c.name}: {c.raw}")
+                run.hooks.on_tool_result = lambda c: view.note(f"{c.name} -> {c.result}")
                 while not run.done:
                     view.update(run.step())
                 run.conclude()

@@ -96,3 +96,32 @@ def test_transcript_merges_turns_in_time_order(smol_engine):
     page = render_html(result, title="7 * 8 <check>")
     assert "shared &lt;note&gt; &amp; more" in page and "7 * 8 &lt;check&gt;" in page
     assert page.count('class="turn') == len(turns)
+
+
+def test_templates_lists_the_shipped_protocols(capsys):
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    for name in ("collaborate", "ask_others", "check_redundancy", "divide_and_conquer", "vote"):
+        assert name in out
+
+
+def test_run_with_the_calculator_tool(capsys):
+    code = main(
+        [
+            "run",
+            "What is 17 * 23?",
+            "--workers",
+            "2",
+            "--max-tokens",
+            "8",
+            "--tools",
+            "calculator",
+            "--view",
+            "plain",
+            "--json",
+        ]
+    )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["workers"]
+    with pytest.raises(SystemExit, match="unknown tool 'shell'"):
+        main(["run", "x", "--tools", "shell"])
