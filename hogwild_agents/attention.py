@@ -21,7 +21,6 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from hogwild_agents.cache import SHARED
 from hogwild_agents.plan import ForwardPlan
 
 ATTENTION_NAME = "hogwild"
@@ -30,53 +29,75 @@ IMPLEMENTATIONS = ("fast", "eager")
 
 def store_new_kv(plan: ForwardPlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     """Write the forward's new K (re-rotated to block-local positions) and V into their blocks."""
-    rotations = plan.cache.rotations
-    local_key = rotations.rotate(key.float(), plan.unrotate_cos, plan.unrotate_sin).to(key.dtype)  # [rows, kv_heads, q_len, dim]
+    local_key = key  # [rows, kv_heads, q_len, dim]
+    if plan.unrotate_cos is not None:
+        rotations = plan.cache.rotations
+        local_key = rotations.rotate(key.float(), plan.unrotate_cos, plan.unrotate_sin).to(key.dtype)
     for group, (rows, cols, slots, positions) in plan.writes.items():
         storage = plan.cache.groups[group]
-        storage.k[layer][slots, :, positions] = local_key[rows, :, cols]
-        storage.v[layer][slots, :, positions] = value[rows, :, cols]
+        if rows is None:  # one token per row, all into this group
+            storage.k[layer][slots, :, positions] = local_key[:, :, 0]
+            storage.v[layer][slots, :, positions] = value[:, :, 0]
+        else:
+            storage.k[layer][slots, :, positions] = local_key[rows, :, cols]
+            storage.v[layer][slots, :, positions] = value[rows, :, cols]
 
 
 def fast_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Batched block attention. query: [rows, heads, q_len, dim] -> [rows, q_len, heads, dim]."""
+    """Batched block attention. query: [rows, heads, q_len, dim] -> [rows, q_len, heads, dim].
+
+    Every used group is scored in one bmm (slot groups against a per-(row, slot) rotated query); the
+    scores of all groups share one key axis, one mask bias and one softmax."""
     rows, heads, q_len, dim = query.shape
-    rotations = plan.cache.rotations
     kv_heads = plan.cache.shape.kv_heads
     per_kv = heads // kv_heads
+    n = rows * per_kv * q_len  # queries per kv head
     q = (query * scaling).view(rows, kv_heads, per_kv, q_len, dim)
+    q = q.transpose(0, 1).contiguous()  # [kv_heads, rows, per_kv, q_len, dim]
+    q_flat = q.view(kv_heads, n, dim)
+    q_float = None
 
-    scores, values = [], []
-    for group_index, gp in enumerate(plan.groups):
-        if gp is None:
+    scores = []  # each [kv_heads, n, width]
+    for gp in plan.groups:
+        keys = plan.cache.groups[gp.group].k[layer][:, :, : gp.used]  # [slots, kv_heads, used, dim]
+        if gp.cos is None:  # SHARED: one block at offset 0, no rotation
+            scores.append(torch.matmul(q_flat, keys[0].transpose(1, 2)))
             continue
-        storage = plan.cache.groups[group_index]
-        slots = storage.n_slots
-        keys = storage.k[layer][:, :, : gp.used].reshape(slots * kv_heads, gp.used, dim)
-        if group_index == SHARED:
-            q_rot = q.permute(1, 0, 2, 3, 4)[None]  # [1, kv_heads, rows, per_kv, q_len, dim]
-        else:
-            cos = gp.cos[:, :, None, None, None]  # [rows, slots, 1, 1, 1, rot]
-            sin = gp.sin[:, :, None, None, None]
-            q_rot = rotations.rotate(q[:, None].float(), cos, sin).to(q.dtype).permute(1, 2, 0, 3, 4, 5)
-        q_rot = q_rot.reshape(slots * kv_heads, rows * per_kv * q_len, dim)
-        s = torch.bmm(q_rot, keys.transpose(1, 2)).view(slots, kv_heads, rows, per_kv, q_len, gp.used)
-        s = s.float().masked_fill(~gp.visible, torch.finfo(torch.float32).min)
-        scores.append(s)
-        values.append(storage.v[layer][:, :, : gp.used].reshape(slots * kv_heads, gp.used, dim))
+        q_float = q.float() if q_float is None else q_float
+        # [slots, kv_heads, rows, per_kv, q_len, dim]
+        q_rot = plan.cache.rotations.rotate(q_float[None], gp.cos, gp.sin).to(q.dtype)
+        s = torch.matmul(
+            q_rot.reshape(gp.slots * kv_heads, n, dim),
+            keys.reshape(gp.slots * kv_heads, gp.used, dim).transpose(1, 2),
+        )  # [slots * kv_heads, n, used]
+        scores.append(
+            s.view(gp.slots, kv_heads, n, gp.used).permute(1, 2, 0, 3).reshape(kv_heads, n, gp.width)
+        )
+    s = (torch.cat(scores, dim=-1) if len(scores) > 1 else scores[0]).float()  # [kv_heads, n, keys]
+    if plan.bias is not None:  # [rows, 1, q_len, keys]
+        s = s.view(kv_heads, rows, per_kv, q_len, -1) + plan.bias
+    weights = torch.softmax(s, dim=-1).to(query.dtype).view(kv_heads, n, -1)
 
-    # joint softmax over all blocks of all groups: shared max, summed denominators
-    peak = torch.stack([s.amax(dim=(0, 5)) for s in scores]).amax(dim=0)  # [kv_heads, rows, per_kv, q_len]
-    out = torch.zeros(kv_heads, rows, per_kv, q_len, dim, dtype=torch.float32, device=query.device)
-    denominator = torch.zeros_like(peak)
-    for s, v in zip(scores, values, strict=True):
-        weights = torch.exp(s - peak[None, ..., None])
-        denominator += weights.sum(dim=(0, 5))
-        slots = weights.shape[0]
-        flat = weights.to(v.dtype).reshape(slots * kv_heads, rows * per_kv * q_len, -1)
-        out += torch.bmm(flat, v).view(slots, kv_heads, rows, per_kv, q_len, dim).sum(dim=0).float()
-    out = out / denominator[..., None]
-    return out.to(query.dtype).permute(1, 3, 0, 2, 4).reshape(rows, q_len, heads, dim)
+    out = None  # [kv_heads, n, dim]
+    start = 0
+    for gp in plan.groups:
+        w = weights[:, :, start : start + gp.width]
+        start += gp.width
+        values = plan.cache.groups[gp.group].v[layer][:, :, : gp.used]  # [slots, kv_heads, used, dim]
+        if gp.cos is None:
+            part = torch.matmul(w, values[0])
+        else:
+            w = (
+                w.reshape(kv_heads, n, gp.slots, gp.used)
+                .permute(2, 0, 1, 3)
+                .reshape(gp.slots * kv_heads, n, gp.used)
+            )
+            part = torch.bmm(w, values.reshape(gp.slots * kv_heads, gp.used, dim))
+            part = part.view(gp.slots, kv_heads, n, dim).sum(dim=0)
+        part = part.float() if query.dtype != torch.float32 else part
+        out = part if out is None else out + part
+    out = out.to(query.dtype).view(kv_heads, rows, per_kv, q_len, dim)
+    return out.permute(1, 3, 0, 2, 4).reshape(rows, q_len, heads, dim)
 
 
 def eager_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -96,7 +117,10 @@ def eager_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling:
         v = torch.cat(values, dim=1).repeat_interleave(per_kv, dim=0)
         scores = (query[n, :, pad:].float() @ k.float().transpose(1, 2)) * scaling  # [heads, new, view_len]
         view_len = k.shape[1]
-        causal = torch.arange(view_len, device=k.device)[None] <= (view_len - new + torch.arange(new, device=k.device))[:, None]
+        causal = (
+            torch.arange(view_len, device=k.device)[None]
+            <= (view_len - new + torch.arange(new, device=k.device))[:, None]
+        )
         scores = scores.masked_fill(~causal, float("-inf"))
         out[n, pad:] = (scores.softmax(dim=-1) @ v.float()).to(query.dtype).transpose(0, 1)
     return out
@@ -116,7 +140,9 @@ def hogwild_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered as `hogwild` in transformers' AttentionInterface."""
     if hogwild_plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     store_new_kv(hogwild_plan, module.layer_idx, key, value)
     attend = fast_attention if hogwild_impl == "fast" else eager_attention

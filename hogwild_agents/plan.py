@@ -3,6 +3,13 @@
 Each row of the batch is one writer (a worker, or the prompt/header/injected text). A row's view is an
 ordered list of segments (blocks at view offsets); the last segment is the block the row writes into.
 The plan turns that into the tensors the attention needs, once per forward and shared by all layers.
+It is built from plain Python lists and turned into a handful of tensors, so its cost does not grow
+with the context length.
+
+The fast attention scores the keys of every used group side by side on one *key axis*: the SHARED
+block's first `used` keys, then for each slot group `slots x used` keys (slot-major). The plan's
+`bias` masks that axis per (row, query): 0 where the key is in the row's view (and causally before
+the query), a large negative number elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from hogwild_agents.cache import SHARED, SharedKVCache
+
+MASKED = torch.finfo(torch.float32).min
 
 
 @dataclass(frozen=True)
@@ -47,12 +56,17 @@ class RowPlan:
 
 @dataclass
 class GroupPlan:
-    """What the fast attention needs for one block group."""
+    """One block group's part of the key axis."""
 
-    used: int  # keys scored per slot (longest block after this forward's writes)
-    cos: torch.Tensor | None  # [rows, slots, rot_dim] rotation of queries by -offset (None: SHARED)
+    group: int
+    slots: int  # slots scored (SHARED: 1)
+    used: int  # keys scored per slot (longest visible run after this forward's writes)
+    cos: torch.Tensor | None  # [slots, 1, rows, 1, 1, rot] query rotation by -offset (None: SHARED)
     sin: torch.Tensor | None
-    visible: torch.Tensor  # bool [slots, 1, rows, 1, q_len, used]
+
+    @property
+    def width(self) -> int:
+        return self.slots * self.used
 
 
 class ForwardPlan:
@@ -64,55 +78,97 @@ class ForwardPlan:
         self.rows = rows
         self.cache = cache
         device = cache.shape.device
-        self.q_len = max(len(r.token_ids) for r in rows)
-        self.pads = [self.q_len - len(r.token_ids) for r in rows]
+        lengths = [len(r.token_ids) for r in rows]
+        self.q_len = q_len = max(lengths)
+        self.pads = [q_len - n for n in lengths]
 
-        input_ids = torch.zeros(len(rows), self.q_len, dtype=torch.long)
-        position_ids = torch.zeros(len(rows), self.q_len, dtype=torch.long)
-        for n, (row, pad) in enumerate(zip(rows, self.pads, strict=True)):
-            input_ids[n, pad:] = torch.tensor(row.token_ids)
-            position_ids[n, pad:] = torch.arange(row.first_position, row.first_position + len(row.token_ids))
-        self.input_ids = input_ids.to(device)
-        self.position_ids = position_ids.to(device)
+        input_ids, position_ids = [], []
+        for row, pad in zip(rows, self.pads, strict=True):
+            first = row.first_position
+            input_ids.append([0] * pad + list(row.token_ids))
+            position_ids.append([0] * pad + list(range(first, first + len(row.token_ids))))
+        self.input_ids = torch.tensor(input_ids, dtype=torch.long, device=device)  # [rows, q_len]
+        self.position_ids = torch.tensor(position_ids, dtype=torch.long, device=device)  # [rows, q_len]
 
-        offsets = torch.tensor([-r.target.offset for r in rows], device=device)
-        cos, sin = cache.rotations.cos_sin(offsets, torch.float32)
-        self.unrotate_cos, self.unrotate_sin = cos[:, None, None], sin[:, None, None]  # [rows, 1, 1, rot]
+        # new keys arrive rotated at view positions; blocks store them at local positions
+        target_offsets = [r.target.offset for r in rows]
+        self.unrotate_cos: torch.Tensor | None = None  # [rows, 1, 1, rot]; None: every offset is 0
+        self.unrotate_sin: torch.Tensor | None = None
+        if any(target_offsets):
+            offsets = torch.tensor([-o for o in target_offsets], device=device)
+            cos, sin = cache.rotations.cos_sin(offsets, torch.float32)
+            self.unrotate_cos, self.unrotate_sin = cos[:, None, None], sin[:, None, None]
         self.writes = self._write_indices(device)
-        self.groups = [self._group_plan(g, dtype) for g in range(len(cache.groups))]
+        self.groups, self.bias = self._key_axis(device)
 
-    def _write_indices(self, device: torch.device) -> dict[int, tuple[torch.Tensor, ...]]:
-        """Per target group: (row, column, slot, position) index tensors of every new token."""
-        by_group: dict[int, list[tuple[int, int, int, int]]] = {}
+    def _write_indices(self, device: torch.device) -> dict[int, tuple[torch.Tensor | None, ...]]:
+        """Per target group: (row, column, slot, position) index tensors of every new token. Row and
+        column are None when every row feeds one token into that group (the new K/V need no gather)."""
+        by_group: dict[int, list[list[int]]] = {}
         for n, (row, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
             t = row.target
-            for i in range(len(row.token_ids)):
-                by_group.setdefault(t.group, []).append((n, pad + i, t.slot, t.visible + i))
-        return {
-            g: tuple(torch.tensor(col, device=device) for col in zip(*entries, strict=True))
-            for g, entries in by_group.items()
+            columns = by_group.setdefault(t.group, [[], [], [], []])
+            k = len(row.token_ids)
+            columns[0].extend([n] * k)
+            columns[1].extend(range(pad, pad + k))
+            columns[2].extend([t.slot] * k)
+            columns[3].extend(range(t.visible, t.visible + k))
+        writes: dict[int, tuple[torch.Tensor | None, ...]] = {
+            g: tuple(torch.tensor(col, device=device) for col in columns) for g, columns in by_group.items()
         }
+        if self.q_len == 1 and len(writes) == 1:
+            ((g, (_, _, slots, positions)),) = writes.items()
+            writes[g] = (None, None, slots, positions)
+        return writes
 
-    def _group_plan(self, group: int, dtype: torch.dtype) -> GroupPlan | None:
-        n_slots = self.cache.groups[group].n_slots
-        limits = torch.zeros(n_slots, len(self.rows), self.q_len, dtype=torch.long)  # keys visible per query
-        offsets = torch.zeros(len(self.rows), n_slots, dtype=torch.long)
-        for n, (row, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
+    def _key_axis(self, device: torch.device) -> tuple[list[GroupPlan], torch.Tensor | None]:
+        """The used groups in key-axis order and the additive mask bias [rows, 1, q_len, keys] (None when
+        every query sees every scored key)."""
+        rows, q_len, n_groups = len(self.rows), self.q_len, len(self.cache.groups)
+        # per group: row -> {slot: segment}
+        seen: list[list[dict[int, Segment]]] = [[{} for _ in range(rows)] for _ in range(n_groups)]
+        used = [0] * n_groups
+        for n, row in enumerate(self.rows):
+            new = len(row.token_ids)
             for seg in row.segments:
-                if seg.group != group:
-                    continue
-                offsets[n, seg.slot] = seg.offset
-                limits[seg.slot, n, :] = seg.visible
-                if seg is row.target:
-                    causal = torch.arange(1, self.q_len - pad + 1)
-                    limits[seg.slot, n, pad:] = seg.visible + causal
-        used = int(limits.max())
-        if used == 0:
-            return None
-        device = self.cache.shape.device
-        keys = torch.arange(used)
-        visible = (keys < limits[..., None])[:, None, :, None].to(device)  # [slots, 1, rows, 1, q_len, used]
-        if group == SHARED:
-            return GroupPlan(used, None, None, visible)
-        cos, sin = self.cache.rotations.cos_sin(-offsets.to(device), torch.float32)
-        return GroupPlan(used, cos, sin, visible)
+                seen[seg.group][n][seg.slot] = seg
+                used[seg.group] = max(used[seg.group], seg.visible + (new if seg is row.target else 0))
+
+        groups: list[GroupPlan] = []
+        blocks: list[tuple[int, int]] = []  # key-axis blocks as (group, slot), each `used` keys wide
+        for g in range(n_groups):
+            if used[g] == 0:
+                continue
+            slots = 1 if g == SHARED else self.cache.groups[g].n_slots
+            blocks.extend((g, s) for s in range(slots))
+            if g == SHARED:
+                groups.append(GroupPlan(g, 1, used[g], None, None))
+                continue
+            offsets = [
+                [seen[g][n][s].offset if s in seen[g][n] else 0 for s in range(slots)] for n in range(rows)
+            ]
+            cos, sin = self.cache.rotations.cos_sin(-torch.tensor(offsets, device=device), torch.float32)
+            # [rows, slots, rot] -> [slots, 1, rows, 1, 1, rot]
+            cos, sin = (t.permute(1, 0, 2)[:, None, :, None, None].contiguous() for t in (cos, sin))
+            groups.append(GroupPlan(g, slots, used[g], cos, sin))
+
+        # limits[n][i][b]: keys of block b visible to query i of row n
+        block_used = [used[g] for g, _ in blocks]
+        limits: list[list[list[int]]] = []
+        for n, (row, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
+            base = [seg.visible if (seg := seen[g][n].get(s)) is not None else 0 for g, s in blocks]
+            t = blocks.index((row.target.group, row.target.slot))
+            per_query = []
+            for i in range(q_len):
+                limit = list(base)
+                limit[t] += max(0, i - pad + 1)
+                per_query.append(limit)
+            limits.append(per_query)
+        if all(limit == block_used for per_query in limits for limit in per_query):
+            return groups, None
+        widths = torch.tensor(block_used)
+        local = torch.cat([torch.arange(w) for w in widths.tolist()])  # [keys] index inside its block
+        block_of = torch.repeat_interleave(torch.arange(len(blocks)), widths)  # [keys]
+        visible = local < torch.tensor(limits)[..., block_of]  # [rows, q_len, keys]
+        bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, MASKED)
+        return groups, bias[:, None].to(device)
