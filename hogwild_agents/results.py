@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-FinishReason = str  # "stop" (EOS or a stop string), "length" (a token budget or the context), "answer"
+# "stop": EOS, a stop string or a final answer; "length": a token budget or the context; "timeout"
+FinishReason = str
 
 
 @dataclass

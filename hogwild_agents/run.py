@@ -12,6 +12,7 @@ worker's row carries only its own new tokens, so no prefix is ever re-encoded. L
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -42,8 +43,11 @@ class RunLimits:
     max_new_tokens: int = 256
     max_total_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    timeout_s: float | None = None  # wall-clock limit of the run; workers then finish with "timeout"
 
     def __post_init__(self) -> None:
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.max_total_tokens is not None and self.max_total_tokens <= 0:
@@ -122,6 +126,7 @@ class HogwildRun:
         self.limits = limits
         self.attention = attention
         self.generator = sampling.generator()
+        self.started = time.monotonic()
         self.steps_taken = 0
         self.forward_tokens = 0
         self.trace: list[TraceEvent] = []  # every text a worker chose and every injected block, in order
@@ -274,6 +279,12 @@ class HogwildRun:
         if self.done:
             raise RuntimeError("The run has finished; start a new run.")
         record = StepRecord(index=self.steps_taken)
+        if self.limits.timeout_s is not None and time.monotonic() - self.started > self.limits.timeout_s:
+            for w in self.workers:
+                if not w.finished:
+                    self._finish(w, "timeout")
+                    w.waiting = None
+                    record.finished[w.index] = "timeout"
         self.poll_tools()
         fed = [w for w in self.workers if w.pending]
         if fed:
@@ -460,6 +471,8 @@ class HogwildRun:
             self.step()
         if not self.script.finisher or any(self.script.extract_answer(w.text) for w in self.workers):
             return False
+        if any(w.finish_reason == "timeout" for w in self.workers):
+            return False  # out of time: no more decoding
         state = self.workers[worker]
         self.concluding = True
         self.sampling = SamplingParams(temperature=0.0)
@@ -503,6 +516,6 @@ class HogwildRun:
             shared_text=self.engine.decode(self.cache.token_ids(SHARED)),
             usage=Usage(self.prompt_tokens, sum(w.generated for w in self.workers), self.forward_tokens),
             steps=self.steps_taken,
-            finish_reason="length" if "length" in reasons else "stop",
+            finish_reason=next((r for r in ("timeout", "length") if r in reasons), "stop"),
             trace=list(self.trace),
         )
