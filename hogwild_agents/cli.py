@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from benchmarks.run import main as bench_main
 
-        return bench_main(args.options) or 0
+        bench_main(args.options)
+        return 0
     tools = _engine_tools(args.tools)
     engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     protocol = None if args.protocol.lower() == "none" else args.protocol
