@@ -14,6 +14,7 @@ SMALL_BUDGET = {
     "quickstart.py": ["--max-tokens", "12"],
     "step_by_step.py": ["--steps", "10"],
     "protocols.py": ["--max-tokens", "10"],
+    "tool_pipeline.py": ["--max-tokens", "12"],
 }
 
 
