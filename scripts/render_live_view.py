@@ -6,6 +6,7 @@ Run: .venv/bin/python scripts/render_live_view.py
 from __future__ import annotations
 
 import os
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -33,10 +34,8 @@ def main() -> None:
         run.hooks.on_tool_result = lambda c: view.note(f"{c.name} -> {c.result}")
         for step in range(45):
             if step == 20:
-                run.force(
-                    2,
-                    '<tool_call>{"name": "calculator", "arguments": {"expression": "12 / 3 * 2"}}</tool_call>',
-                )
+                call = {"name": "calculator", "arguments": {"expression": "12 / 3 * 2"}}
+                run.force(2, f"<tool_call>{json.dumps(call)}</tool_call>")
             view.update(run.step())
     picture = Console(record=True, width=140, force_terminal=True, file=open(os.devnull, "w"))  # noqa: SIM115
     picture.print(view.render())
