@@ -5,8 +5,8 @@ Run: .venv/bin/python scripts/render_live_view.py
 
 from __future__ import annotations
 
-import os
 import json
+import os
 from pathlib import Path
 
 from rich.console import Console
