@@ -13,6 +13,7 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
+
 from langchain_hogwild import ChatHogwild
 
 

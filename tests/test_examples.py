@@ -15,6 +15,7 @@ SMALL_BUDGET = {
     "step_by_step.py": ["--steps", "10"],
     "protocols.py": ["--max-tokens", "10"],
     "tool_pipeline.py": ["--max-tokens", "12"],
+    "langgraph_agent.py": [],  # a fixed two-turn agent round trip
 }
 
 

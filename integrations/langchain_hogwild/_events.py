@@ -1,0 +1,87 @@
+"""Per-worker token events, sent as LangChain custom events of the chat model's own run."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.callbacks.manager import ahandle_event, handle_event
+
+from hogwild_agents.results import StepRecord
+from hogwild_agents.run import HogwildRun
+
+TOKEN_EVENT = "hogwild_token"
+
+# `stream`/`astream` do not hand `_stream`/`_astream` their run manager; ChatHogwild.stream/astream put
+# the callbacks and the run id of the call here instead.
+stream_sink: ContextVar[tuple[CallbackManager | AsyncCallbackManager, UUID] | None] = ContextVar(
+    "hogwild_stream_sink", default=None
+)
+
+
+def worker_events(run: HogwildRun, record: StepRecord) -> list[dict[str, Any]]:
+    """One event payload per worker that wrote text in this step."""
+    return [
+        {
+            "worker": worker,
+            "name": run.workers[worker].name,
+            "text": text,
+            "source": record.sources.get(worker, "sampled"),
+            "step": record.index,
+        }
+        for worker, text in sorted(record.texts.items())
+        if text
+    ]
+
+
+def dispatch(manager: CallbackManagerForLLMRun | None, events: list[dict[str, Any]]) -> None:
+    """Send `events` to the run's handlers (what `dispatch_custom_event` does inside a runnable)."""
+    if manager is None:
+        sink = stream_sink.get()
+        if sink is not None and isinstance(sink[0], CallbackManager):
+            for data in events:
+                sink[0].on_custom_event(TOKEN_EVENT, data, run_id=sink[1])
+        return
+    if not manager.handlers:
+        return
+    for data in events:
+        handle_event(
+            manager.handlers,
+            "on_custom_event",
+            "ignore_custom_event",
+            TOKEN_EVENT,
+            data,
+            run_id=manager.run_id,
+            tags=manager.tags,
+            metadata=manager.metadata,
+        )
+
+
+async def adispatch(manager: AsyncCallbackManagerForLLMRun | None, events: list[dict[str, Any]]) -> None:
+    """Async `dispatch`."""
+    if manager is None:
+        sink = stream_sink.get()
+        if sink is not None and isinstance(sink[0], AsyncCallbackManager):
+            for data in events:
+                await sink[0].on_custom_event(TOKEN_EVENT, data, run_id=sink[1])
+        return
+    if not manager.handlers:
+        return
+    for data in events:
+        await ahandle_event(
+            manager.handlers,
+            "on_custom_event",
+            "ignore_custom_event",
+            TOKEN_EVENT,
+            data,
+            run_id=manager.run_id,
+            tags=manager.tags,
+            metadata=manager.metadata,
+        )

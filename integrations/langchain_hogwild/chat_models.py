@@ -1,0 +1,441 @@
+"""ChatHogwild: N workers of one local LLM writing in parallel over one shared KV cache, as a chat model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import ConfigDict, Field
+
+from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.tool_calls import OPEN
+from langchain_hogwild._driver import CallSpec, Outcome, iter_call
+from langchain_hogwild._events import adispatch, dispatch, stream_sink, worker_events
+from langchain_hogwild._messages import to_chat_messages, with_system_text
+from langchain_hogwild._output import message_fields
+from langchain_hogwild._registry import get_engine
+from langchain_hogwild._streaming import LiveText
+from langchain_hogwild._tools import (
+    normalize_tool_choice,
+    template_renders_tools,
+    to_call_chunks,
+    tool_instructions,
+)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_CALL_OPTIONS = ("n_workers", "protocol", "layout", "temperature", "top_p", "max_tokens", "seed")
+
+
+class ChatHogwild(BaseChatModel):
+    """Hogwild! Inference as a LangChain chat model: `n_workers` instances of one local model write at
+    once over one shared KV cache, each seeing the others' tokens as they appear.
+
+    The returned AIMessage's content is the run's final answer; every worker's transcript is in
+    `additional_kwargs["reasoning_content"]` and `response_metadata["workers"]`. `usage_metadata` counts
+    the shared prompt once and the tokens of all workers.
+
+    Streaming: every worker's tokens are sent live as custom events named "hogwild_token" (data:
+    worker, name, text, source, step; see `astream_events` / `on_custom_event`), so a UI can show all
+    workers typing. The answer itself is streamed as content while it is written only when it is one
+    worker's plain text: protocol None, and no tools or structured output. With a protocol, the answer is
+    only known when the run ends (any worker may give it), so it arrives in one chunk at the end. The
+    last chunk (`chunk_position="last"`) carries usage, metadata, transcripts and tool calls.
+
+    Tools (`bind_tools`): schemas go into the prompt (through the chat template when it renders tools,
+    else as a system text in the default `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    format). The first complete call by any worker ends the run. `tool_choice` "any"/"required" or a
+    tool's name is enforced: worker 0 is made to write the call's opening, the tool name and the
+    argument keys, and writes the argument values itself.
+
+    Structured output: "function_calling" (default) is a forced tool call; "json_schema" and
+    "json_mode" force a JSON object with the schema's keys into worker 0's stream, the model writing
+    the values.
+
+    Weights load on first use; instances with the same (model, device, dtype) share one engine, and
+    calls on one engine run one at a time (async calls run in a worker thread).
+    """
+
+    model: str | None = None
+    """Model path, id or .gguf file; None: the embedded SmolLM2-135M-Instruct."""
+    n_workers: int = 2
+    protocol: str | None = "collaborate"
+    """A shipped protocol name, or None for raw workers (chat template only)."""
+    layout: Literal["combined", "interleaved", "contiguous"] = "combined"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    """Tokens each worker may generate."""
+    stop: list[str] | None = None
+    seed: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    engine: HogwildEngine | None = Field(default=None, exclude=True, repr=False)
+    """A loaded engine to use instead of loading `model`."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    # ---- identity --------------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "hogwild"
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model) if self.model is not None else DEFAULT_MODEL_NAME
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "n_workers": self.n_workers,
+            "protocol": self.protocol,
+            "layout": self.layout,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="hogwild",
+            ls_model_name=kwargs.get("model") or self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stops := stop or kwargs.get("stop") or self.stop:
+            params["ls_stop"] = list(stops)
+        return params
+
+    def get_engine(self) -> HogwildEngine:
+        """The engine this model runs on (loaded now if needed)."""
+        return self.engine if self.engine is not None else get_engine(self.model, self.device, self.dtype)
+
+    # ---- tokens ----------------------------------------------------------------------------------
+    def get_num_tokens(self, text: str) -> int:
+        return len(self.get_engine().encode(text))
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of the prompt these messages (and tools) render to, with the model's own tokenizer."""
+        schemas = [convert_to_openai_tool(t) for t in tools or ()]
+        engine = self.get_engine()
+        chat, native = self._chat_messages(engine, messages, schemas, None)
+        return len(engine.encode(engine.chat_prompt(chat, schemas if native else None)))
+
+    # ---- tools and structured output ---------------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (anything `convert_to_openai_tool` takes). `tool_choice`: "auto"/None, "none",
+        "any"/"required"/True (some tool must be called), or a tool's name (that tool must be called)."""
+        schemas = [convert_to_openai_tool(t) for t in tools]
+        normalize_tool_choice(tool_choice, [s["function"]["name"] for s in schemas])  # fail early
+        return super().bind(tools=schemas, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | Any]:
+        """Structured output as a forced tool call ("function_calling") or guided JSON text
+        ("json_schema"; "json_mode" too, guided by `schema` when one is given)."""
+        if method == "function_calling":
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if method not in ("json_schema", "json_mode"):
+            raise ValueError(f"Unknown method {method!r}; use function_calling, json_schema or json_mode.")
+        if kwargs:
+            raise ValueError(f"Unsupported arguments {kwargs}")
+        json_schema = convert_to_json_schema(schema) if schema is not None else {}
+        llm = self.bind(
+            response_format={"type": "json_schema", "schema": json_schema},
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+        )
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parse.with_fallbacks([fallback], exception_key="parsing_error")
+
+    # ---- building a call --------------------------------------------------------------------------
+    def _chat_messages(
+        self,
+        engine: HogwildEngine,
+        messages: Sequence[BaseMessage],
+        tools: list[dict[str, Any]],
+        json_schema: dict[str, Any] | None,
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Chat dicts for the engine, and whether the engine should render `tools` itself (a chat
+        template that renders tools; it or the protocol then writes them into the prompt). Otherwise the
+        tools are described in the system text as signatures: small models copy JSON schemas into
+        their calls' arguments."""
+        native = template_renders_tools(engine.tokenizer)
+        chat = to_chat_messages(messages, native_tools=native, call_markup=bool(tools))
+        if tools and not native:
+            chat = with_system_text(chat, tool_instructions(tools))
+        if json_schema is not None:
+            chat = with_system_text(chat, _json_instructions(json_schema))
+        return chat, native
+
+    def _spec(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> CallSpec:
+        engine = self.get_engine()
+        settings = {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
+        tools: list[dict[str, Any]] = list(kwargs.get("tools") or [])
+        names = [t["function"]["name"] for t in tools]
+        choice = normalize_tool_choice(kwargs.get("tool_choice"), names) if tools else None
+        if choice == "none":
+            tools = []
+        response_format = kwargs.get("response_format")
+        json_schema = None
+        if isinstance(response_format, dict):
+            json_schema = response_format.get("schema") or (response_format.get("json_schema") or {}).get(
+                "schema", {}
+            )
+        chat, native = self._chat_messages(engine, messages, tools, json_schema)
+        stops = stop if stop is not None else self.stop
+        options = {
+            "n_workers": settings["n_workers"],
+            "layout": settings["layout"],
+            "protocol": settings["protocol"],
+            "max_new_tokens": settings["max_tokens"],
+            "temperature": settings["temperature"],
+            "top_p": settings["top_p"],
+            "seed": settings["seed"],
+            "stop": list(stops or ()),
+            "tools": tools if tools and native else None,
+        }
+        return CallSpec(chat, options, tools, choice, json_schema)
+
+    def _settings(self, spec: CallSpec) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "protocol": spec.options["protocol"],
+            "layout": spec.options["layout"],
+            "n_workers": spec.options["n_workers"],
+        }
+
+    def _result(self, outcome: Outcome, spec: CallSpec) -> ChatResult:
+        fields = message_fields(outcome, self._settings(spec))
+        info = {"finish_reason": fields["response_metadata"]["finish_reason"]}
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(**fields), generation_info=info)])
+
+    def _last_chunk(self, outcome: Outcome, spec: CallSpec, content: str) -> ChatGenerationChunk:
+        fields = message_fields(outcome, self._settings(spec))
+        chunks = to_call_chunks(fields.pop("tool_calls"), fields.pop("invalid_tool_calls"))
+        fields["content"] = content
+        message = AIMessageChunk(**fields, tool_call_chunks=chunks, chunk_position="last")
+        return ChatGenerationChunk(message=message)
+
+    def _live(self, spec: CallSpec) -> LiveText | None:
+        """The answer streamed as written: only a raw run's worker 0 text without tools or JSON."""
+        if spec.options["protocol"] is not None or spec.tools or spec.json_schema is not None:
+            return None
+        return LiveText([*spec.options["stop"], OPEN])
+
+    # ---- streaming entry points: give the worker events a run to belong to ----------------------------
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> Iterator[AIMessageChunk]:
+        config = {**ensure_config(config)}
+        config["run_id"] = run_id = config.get("run_id") or uuid.uuid4()
+        manager = CallbackManager.configure(
+            config.get("callbacks"),
+            inheritable_tags=config.get("tags"),
+            inheritable_metadata=config.get("metadata"),
+        )
+        token = stream_sink.set((manager, run_id))
+        try:
+            yield from super().stream(input, config, **kwargs)
+        finally:
+            with contextlib.suppress(ValueError):  # closed from another context
+                stream_sink.reset(token)
+
+    async def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        config = {**ensure_config(config)}
+        config["run_id"] = run_id = config.get("run_id") or uuid.uuid4()
+        manager = AsyncCallbackManager.configure(
+            config.get("callbacks"),
+            inheritable_tags=config.get("tags"),
+            inheritable_metadata=config.get("metadata"),
+        )
+        token = stream_sink.set((manager, run_id))
+        try:
+            async for chunk in super().astream(input, config, **kwargs):
+                yield chunk
+        finally:
+            with contextlib.suppress(ValueError):
+                stream_sink.reset(token)
+
+    # ---- sync ------------------------------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        spec = self._spec(messages, stop, kwargs)
+        steps = iter_call(self.get_engine(), spec)
+        while True:
+            try:
+                run, record = next(steps)
+            except StopIteration as stop_iteration:
+                return self._result(stop_iteration.value, spec)
+            dispatch(run_manager, worker_events(run, record))
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        spec = self._spec(messages, stop, kwargs)
+        live = self._live(spec)
+        steps = iter_call(self.get_engine(), spec)
+        try:
+            while True:
+                try:
+                    run, record = next(steps)
+                except StopIteration as stop_iteration:
+                    outcome = stop_iteration.value
+                    break
+                dispatch(run_manager, worker_events(run, record))
+                if live is not None and (delta := live.feed(record.texts.get(0, ""))):
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+                    yield chunk
+        finally:
+            steps.close()
+        content = live.finish(outcome.content) if live is not None else outcome.content
+        chunk = self._last_chunk(outcome, spec, content)
+        yield chunk
+
+    # ---- async: the blocking run goes to a thread; events come back through a queue ---------------
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        outcome = None
+        spec = await self._spec_in_thread_safe(messages, stop, kwargs)
+        async for item in self._athread(spec):
+            if isinstance(item, Outcome):
+                outcome = item
+            else:
+                await adispatch(run_manager, item)
+        assert outcome is not None
+        return self._result(outcome, spec)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        spec = await self._spec_in_thread_safe(messages, stop, kwargs)
+        live = self._live(spec)
+        outcome = None
+        async for item in self._athread(spec, with_texts=True):
+            if isinstance(item, Outcome):
+                outcome = item
+                continue
+            events, text = item
+            await adispatch(run_manager, events)
+            if live is not None and (delta := live.feed(text)):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+                yield chunk
+        assert outcome is not None
+        content = live.finish(outcome.content) if live is not None else outcome.content
+        chunk = self._last_chunk(outcome, spec, content)
+        yield chunk
+
+    async def _spec_in_thread_safe(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> CallSpec:
+        """Build the call (this may load the engine) without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._spec, messages, stop, kwargs)
+
+    async def _athread(self, spec: CallSpec, *, with_texts: bool = False) -> AsyncIterator[Any]:
+        """Run the call in a thread; yield each step's worker events (with worker 0's new text when
+        `with_texts`), then the Outcome."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def work() -> None:
+            steps = iter_call(self.get_engine(), spec)
+            try:
+                while True:
+                    if cancelled.is_set():
+                        return
+                    try:
+                        run, record = next(steps)
+                    except StopIteration as stop_iteration:
+                        loop.call_soon_threadsafe(queue.put_nowait, stop_iteration.value)
+                        return
+                    events = worker_events(run, record)
+                    item = (events, record.texts.get(0, "")) if with_texts else events
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+            except BaseException as error:  # handed to the awaiting side
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            finally:
+                steps.close()
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        future = loop.run_in_executor(None, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await future
+
+
+def _json_instructions(schema: dict[str, Any]) -> str:
+    properties = schema.get("properties") or {}
+    if not properties:
+        return "Reply with one JSON object and nothing else."
+    keys = ", ".join(
+        f"{key} ({sub['description']})" if isinstance(sub, dict) and sub.get("description") else key
+        for key, sub in properties.items()
+    )
+    return f"Reply with one JSON object and nothing else, with the keys: {keys}."

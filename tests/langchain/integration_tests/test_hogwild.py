@@ -1,0 +1,165 @@
+"""ChatHogwild-specific behaviour: tool_choice, worker events, prefix reuse, concurrency, agents."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+
+from langchain_hogwild import TOKEN_EVENT, ChatHogwild
+
+RAW = {"n_workers": 2, "protocol": None, "max_tokens": 16}
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Get the current weather in a city."""
+    return f"It is sunny and 21 degrees in {city}."
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def test_named_tool_choice_is_enforced() -> None:
+    model = ChatHogwild(**RAW).bind_tools([get_weather, add], tool_choice="add")
+    message = model.invoke("Hello! How are you?")  # nothing here asks for a tool
+    assert [call["name"] for call in message.tool_calls] == ["add"]
+    assert set(message.tool_calls[0]["args"]) == {"a", "b"}
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    assert message.content == ""
+
+
+def test_any_tool_choice_with_several_tools() -> None:
+    message = ChatHogwild(**RAW).bind_tools([get_weather, add], tool_choice="any").invoke("Weather in Paris?")
+    assert len(message.tool_calls) == 1 and message.tool_calls[0]["name"] in {"get_weather", "add"}
+    assert message.tool_calls[0]["id"].startswith("call_")
+
+
+def test_json_schema_output_is_validated() -> None:
+    class City(BaseModel):
+        name: str = Field(description="the city's name")
+        country: str = Field(description="its country")
+
+    result = (
+        ChatHogwild(**RAW).with_structured_output(City, method="json_schema").invoke("Name a city in France.")
+    )
+    assert isinstance(result, City)
+
+
+def test_worker_token_events_and_metadata() -> None:
+    class Collect(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.tokens: list[dict] = []
+
+        def on_custom_event(self, name, data, **kwargs) -> None:
+            if name == TOKEN_EVENT:
+                self.tokens.append(data)
+
+    handler = Collect()
+    end = ChatHogwild(**RAW).invoke("Hello", config={"callbacks": [handler]})
+    tokens = handler.tokens
+    assert {t["worker"] for t in tokens} == {0, 1}
+    assert {"worker", "name", "text", "source", "step"} <= set(tokens[0])
+    streamed = Collect()
+    list(ChatHogwild(**RAW).stream("Hello", config={"callbacks": [streamed]}))
+    assert streamed.tokens == tokens  # greedy: the same run, the same events
+    assert len(end.response_metadata["workers"]) == 2
+    assert end.usage_metadata["output_tokens"] == sum(
+        w["generated_tokens"] for w in end.response_metadata["workers"]
+    )
+    texts = {w: "".join(t["text"] for t in tokens if t["worker"] == w) for w in (0, 1)}
+    assert texts[0].strip() == end.response_metadata["workers"][0]["text"].strip()
+
+
+@pytest.mark.asyncio
+async def test_async_worker_token_events() -> None:
+    model = ChatHogwild(**RAW)
+    names = [
+        e["name"] async for e in model.astream_events("Hi", version="v2") if e["event"] == "on_custom_event"
+    ]
+    assert names and set(names) == {TOKEN_EVENT}
+
+
+def test_stream_chunks() -> None:
+    chunks = list(ChatHogwild(**{**RAW, "n_workers": 1}).stream("Hello"))
+    assert len(chunks) > 1  # raw single-worker answers stream token by token
+    assert chunks[-1].chunk_position == "last"
+    assert [bool(c.usage_metadata) for c in chunks].count(True) == 1
+    assert ["model_name" in c.response_metadata for c in chunks].count(True) == 1
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full += chunk
+    assert full.content == ChatHogwild(**{**RAW, "n_workers": 1}).invoke("Hello").content
+
+
+def test_follow_up_reuses_the_prompt_prefix(smol_engine) -> None:
+    model = ChatHogwild(**RAW)
+    first = [HumanMessage("Name a color.")]
+    reply = model.invoke(first)
+    second = model.invoke([*first, reply, HumanMessage("Name another one.")])
+    assert reply.response_metadata["reused_prompt_tokens"] >= 0
+    prompt_tokens = reply.usage_metadata["input_tokens"]
+    assert second.response_metadata["reused_prompt_tokens"] >= prompt_tokens - 1
+    assert second.usage_metadata["input_token_details"]["cache_read"] >= prompt_tokens - 1
+
+
+def test_concurrent_calls_match_sequential_runs() -> None:
+    model = ChatHogwild(**{**RAW, "temperature": 0.8, "max_tokens": 8})
+    prompts = [f"Say a word about the number {i}." for i in range(4)]
+    sequential = [model.invoke(p, seed=i).content for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda i: model.invoke(prompts[i], seed=i).content, range(4)))
+
+    async def gather() -> list[str]:
+        replies = await asyncio.gather(*(model.ainvoke(p, seed=i) for i, p in enumerate(prompts)))
+        return [r.content for r in replies]
+
+    assert threaded == sequential
+    assert asyncio.run(gather()) == sequential
+
+
+def test_tool_round_trip_with_an_agent() -> None:
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import wrap_model_call
+
+    @wrap_model_call
+    def first_turn_calls_a_tool(request, handler):
+        """The 135M model needs the call forced, and the answer turn without tools."""
+        has_result = any(isinstance(m, ToolMessage) for m in request.messages)
+        return handler(request.override(tool_choice="none" if has_result else "get_weather"))
+
+    seen: list[list] = []
+
+    @wrap_model_call
+    def record(request, handler):
+        seen.append(list(request.messages))
+        return handler(request)
+
+    agent = create_agent(
+        ChatHogwild(**{**RAW, "max_tokens": 24}), [get_weather], middleware=[record, first_turn_calls_a_tool]
+    )
+    state = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]})
+    messages = state["messages"]
+    assert isinstance(messages[1], AIMessage) and messages[1].tool_calls[0]["name"] == "get_weather"
+    assert isinstance(messages[2], ToolMessage) and "sunny" in messages[2].content
+    assert isinstance(messages[-1], AIMessage) and messages[-1].content and not messages[-1].tool_calls
+    assert len(messages) == 4
+    assert any(
+        isinstance(m, ToolMessage) and "sunny" in m.content for m in seen[-1]
+    )  # result reached the model
+
+
+def test_collaborate_protocol_runs() -> None:
+    message = ChatHogwild(n_workers=2, protocol="collaborate", max_tokens=8).invoke("What is 2 + 2?")
+    assert [w["name"] for w in message.response_metadata["workers"]] == ["Alice", "Bob"]
+    assert message.response_metadata["protocol"] == "collaborate"
+    assert "[Alice]" in message.additional_kwargs["reasoning_content"]

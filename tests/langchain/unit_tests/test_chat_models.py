@@ -1,0 +1,33 @@
+"""Standard LangChain unit tests for ChatHogwild (no model is loaded: construction is lazy)."""
+
+from __future__ import annotations
+
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from langchain_hogwild import ChatHogwild
+
+
+class TestChatHogwildUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatHogwild]:
+        return ChatHogwild
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"n_workers": 2, "protocol": None}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+
+def test_construction_is_lazy_and_fields_override() -> None:
+    model = ChatHogwild(n_workers=3, temperature=0.5, stop=["x"], seed=1)
+    assert model.engine is None  # nothing loaded yet
+    params = model._get_ls_params(temperature=0.2, model="other")
+    assert params["ls_provider"] == "hogwild"
+    assert params["ls_model_name"] == "other"
+    assert params["ls_temperature"] == 0.2
+    assert params["ls_stop"] == ["x"]
+    assert model._identifying_params["n_workers"] == 3
+    assert "engine" not in model.model_dump()
