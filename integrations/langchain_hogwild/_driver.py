@@ -83,6 +83,9 @@ class _Session:
             if record.sources.get(w) != "sampled":
                 continue
             full = self.run.workers[w].text
+            engine_call = self._engine_tool_call(full, w)
+            if engine_call:
+                continue  # the run executes it; not a call for the caller
             if find_complete_tool_call(full, self.scan_from[w]) is not None:
                 self.calls = parse_tool_calls(full[self.scan_from[w] :])
                 self.tool_worker = w
@@ -90,6 +93,15 @@ class _Session:
             if full.rstrip().endswith(OPEN) and OPEN in text and not self.run.workers[w].finished:
                 self._guide(w, tool_call_program(self.parameters, opened=True), "tool")
                 return
+
+    def _engine_tool_call(self, full: str, worker: int) -> bool:
+        """Skip past a complete call of an in-engine tool (the run itself executes those)."""
+        runner = self.run.tool_runner
+        match = find_complete_tool_call(full, self.scan_from[worker]) if runner is not None else None
+        if match is None or match.name not in runner.tools:
+            return False
+        self.scan_from[worker] = match.end
+        return True
 
     def unfinished_calls(self) -> None:
         """After the run: a call some worker opened but never closed is reported as malformed."""

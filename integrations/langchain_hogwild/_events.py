@@ -27,8 +27,9 @@ stream_sink: ContextVar[tuple[CallbackManager | AsyncCallbackManager, UUID] | No
 
 
 def worker_events(run: HogwildRun, record: StepRecord) -> list[dict[str, Any]]:
-    """One event payload per worker that wrote text in this step."""
-    return [
+    """One event payload per worker that wrote text in this step, then one per in-engine tool call or
+    tool result of this step (worker None: every worker sees those)."""
+    events = [
         {
             "worker": worker,
             "name": run.workers[worker].name,
@@ -39,6 +40,21 @@ def worker_events(run: HogwildRun, record: StepRecord) -> list[dict[str, Any]]:
         for worker, text in sorted(record.texts.items())
         if text
     ]
+    shared = []
+    for entry in reversed(run.trace):
+        if entry.step != record.index:
+            break
+        if entry.kind in ("tool_call", "tool_result"):
+            shared.append(
+                {
+                    "worker": None,
+                    "name": "shared",
+                    "text": entry.text,
+                    "source": entry.kind,
+                    "step": entry.step,
+                }
+            )
+    return events + shared[::-1]
 
 
 def dispatch(manager: CallbackManagerForLLMRun | None, events: list[dict[str, Any]]) -> None:

@@ -27,6 +27,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field
 
 from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.hooks import Hooks
 from hogwild_agents.tool_calls import OPEN
 from langchain_hogwild._driver import CallSpec, Outcome, iter_call
 from langchain_hogwild._events import adispatch, dispatch, stream_sink, worker_events
@@ -90,6 +91,14 @@ class ChatHogwild(BaseChatModel):
     dtype: str | None = None
     engine: HogwildEngine | None = Field(default=None, exclude=True, repr=False)
     """A loaded engine to use instead of loading `model`."""
+    engine_tools: list[Any] | None = Field(default=None, exclude=True, repr=False)
+    """Tools run INSIDE each run (LangChain tools or typed callables): a call by any worker runs at once
+    and its result becomes a shared block every worker sees; calls and results are also sent as
+    `hogwild_token` custom events with source "tool_call"/"tool_result"."""
+    tool_timeout_s: float = 30.0
+    """Time limit of one in-engine tool call."""
+    hooks: Hooks | None = Field(default=None, exclude=True, repr=False)
+    """Run callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -234,6 +243,9 @@ class ChatHogwild(BaseChatModel):
             "seed": settings["seed"],
             "stop": list(stops or ()),
             "tools": tools if tools and native else None,
+            "engine_tools": self.engine_tools or None,
+            "tool_timeout_s": self.tool_timeout_s,
+            "hooks": self.hooks,
         }
         return CallSpec(chat, options, tools, choice, json_schema)
 
