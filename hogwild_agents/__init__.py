@@ -2,6 +2,8 @@
 
 from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.errors import ContextLengthError, HogwildError, ModelLoadError, UnsupportedModelError
+from hogwild_agents.hooks import EngineTool, Hooks, ToolCall
+from hogwild_agents.protocol import Protocol, ProtocolError
 from hogwild_agents.results import HogwildResult, StepRecord, Usage, WorkerResult
 from hogwild_agents.run import LAYOUTS, HogwildRun
 from hogwild_agents.script import RunScript
@@ -9,13 +11,18 @@ from hogwild_agents.script import RunScript
 __all__ = [
     "LAYOUTS",
     "ContextLengthError",
+    "EngineTool",
     "HogwildEngine",
     "HogwildError",
     "HogwildResult",
     "HogwildRun",
+    "Hooks",
     "ModelLoadError",
+    "Protocol",
+    "ProtocolError",
     "RunScript",
     "StepRecord",
+    "ToolCall",
     "UnsupportedModelError",
     "Usage",
     "WorkerResult",
