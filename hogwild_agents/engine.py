@@ -142,6 +142,7 @@ class HogwildEngine:
         tool_timeout_s: float = DEFAULT_TIMEOUT_S,
         hooks: Hooks | None = None,
         attention: str = "fast",
+        record_views: bool = False,
     ) -> HogwildRun:
         """Prefill the prompt and return a run to drive with `step()`.
 
@@ -153,6 +154,8 @@ class HogwildEngine:
         or typed callables): a call written by any worker runs with `tool_timeout_s`, and its result
         becomes a shared block every worker sees; their schemas join `tools` in the prompt.
         `hooks`: callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished).
+        `record_views`: put each fed worker's exact view (token ids) into its StepRecord (for inspection
+        and tests; it copies every view, every step).
         """
         if not 1 <= n_workers <= MAX_WORKERS:
             raise ValueError(f"n_workers must be between 1 and {MAX_WORKERS}, got {n_workers}")
@@ -180,6 +183,7 @@ class HogwildEngine:
             prompt_ids=list(prompt) if token_prompt else None,
             tool_runner=runner,
             hooks=hooks,
+            record_views=record_views,
         )
 
     def generate(

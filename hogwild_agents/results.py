@@ -20,7 +20,9 @@ class StepRecord:
         chosen: worker -> token ids it chose (one sampled token, or forced/header/interjection ids).
         sources: worker -> "sampled", "forced", "header" or "interjection".
         texts: worker -> the text its chosen tokens add to its stream.
-        views: worker -> the exact token ids that worker's last forward attended to, in view order.
+        view_lengths: worker -> length of the view that worker's forward attended to (new tokens included).
+        views: worker -> the exact token ids of that view, in view order; filled only when the run was
+            started with `record_views=True` (it copies every view, every step).
         forward_tokens: tokens the model processed in this step (the rows' new tokens, nothing else).
         finished: workers that finished in this step, with their finish reasons.
     """
@@ -30,6 +32,7 @@ class StepRecord:
     chosen: dict[int, list[int]] = field(default_factory=dict)
     sources: dict[int, str] = field(default_factory=dict)
     texts: dict[int, str] = field(default_factory=dict)
+    view_lengths: dict[int, int] = field(default_factory=dict)
     views: dict[int, list[int]] = field(default_factory=dict)
     forward_tokens: int = 0
     finished: dict[int, FinishReason] = field(default_factory=dict)

@@ -109,6 +109,7 @@ class HogwildRun:
         prompt_ids: Sequence[int] | None = None,
         tool_runner: ToolRunner | None = None,
         hooks: Hooks | None = None,
+        record_views: bool = False,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
@@ -125,6 +126,7 @@ class HogwildRun:
         self.sampling = sampling
         self.limits = limits
         self.attention = attention
+        self.record_views = record_views  # copy each fed worker's whole view into its StepRecord
         self.generator = sampling.generator()
         self.started = time.monotonic()
         self.steps_taken = 0
@@ -292,7 +294,9 @@ class HogwildRun:
                 self.cache.reserve(STEPS, w.index, len(w.pending))
             rows = [RowPlan(tuple(w.pending), tuple(self._segments(w.index))) for w in fed]
             for w, row in zip(fed, rows, strict=True):
-                record.views[w.index] = self._segment_ids(row.segments) + w.pending
+                record.view_lengths[w.index] = row.view_length
+                if self.record_views:
+                    record.views[w.index] = self._segment_ids(row.segments) + w.pending
             logits = self._forward(rows)
             record.forward_tokens = sum(len(r.token_ids) for r in rows)
             for i, w in enumerate(fed):
@@ -433,7 +437,7 @@ class HogwildRun:
                         self._finish(other, "stop")
         elif self._hit_stop_string(worker):
             self._finish(worker, "stop")
-        elif worker.generated >= worker.budget or self.view_length(worker.index) >= self.engine.max_positions:
+        elif worker.generated >= worker.budget or self._at_context_limit(worker):
             self._finish(worker, "length")
         elif (
             source != "header"
@@ -441,6 +445,13 @@ class HogwildRun:
             and self.script.is_step_end(self.engine.decode(worker.step_ids))
         ):
             worker.closing = True
+
+    def _at_context_limit(self, worker: WorkerState) -> bool:
+        # a view is a subset of the stored blocks plus the pending tokens: check that bound first
+        limit = self.engine.max_positions
+        if self.cache.tokens_stored + len(worker.pending) < limit:
+            return False
+        return self.view_length(worker.index) >= limit
 
     def _gave_answer(self, worker: WorkerState) -> bool:
         """True when the worker's newest token completes a final answer the protocol recognises."""

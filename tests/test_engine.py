@@ -149,7 +149,7 @@ def test_context_overflow_stops_with_length(tokenizer):
     run = engine.start(PROMPT, n_workers=2, layout="contiguous", max_new_tokens=500, temperature=1.0, seed=0)
     longest_view = 0
     while not run.done:
-        longest_view = max([longest_view, *(len(v) for v in run.step().views.values())])
+        longest_view = max([longest_view, *run.step().view_lengths.values()])
     assert all(w.finish_reason == "length" for w in run.workers)
     assert longest_view == 64  # every attended position is inside the context
     with pytest.raises(ValueError, match="context"):

@@ -87,6 +87,7 @@ def test_sampling_with_a_seed_is_reproducible(smol_engine):
 def drive_and_check(run, steps: int, *, force_every: int = 5, inject_at: int = 6) -> int:
     """Step a run, checking every fed worker against the materialised-view reference. Returns checks."""
     checks = 0
+    run.record_views = True
     for step in range(steps):
         if run.done:
             break
@@ -100,6 +101,7 @@ def drive_and_check(run, steps: int, *, force_every: int = 5, inject_at: int = 6
         record = run.step()
         for worker, reference in expected.items():
             assert record.views[worker] == views[worker]
+            assert record.view_lengths[worker] == len(views[worker])
             if worker in record.logits:
                 assert_logits_close(record.logits[worker], reference)
                 checks += 1
