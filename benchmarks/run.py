@@ -44,6 +44,7 @@ from benchmarks.baselines import (
 )
 from benchmarks.models import CONFIGS, load_engine, prompt_ids
 from hogwild_agents import HogwildEngine, HogwildRun
+from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.loading import resolve_device, resolve_dtype
 
 H100_BANDWIDTH = 3.35e12  # B/s, H100 SXM HBM3
@@ -65,14 +66,19 @@ class Settings:
     layout: str
     bandwidth: float | None
     threads: int | None
+    attention: str = "fast"
 
 
 class HogwildBench:
     """A run of N workers over the prompt, stepped and timed."""
 
-    def __init__(self, engine: HogwildEngine, ids: list[int], n: int, max_new: int, layout: str) -> None:
+    def __init__(
+        self, engine: HogwildEngine, ids: list[int], n: int, max_new: int, layout: str, attention: str
+    ) -> None:
         self.engine = engine
-        self.run: HogwildRun = engine.start(ids, n_workers=n, layout=layout, max_new_tokens=max_new)
+        self.run: HogwildRun = engine.start(
+            ids, n_workers=n, layout=layout, max_new_tokens=max_new, attention=attention
+        )
 
     def steps(self, count: int) -> list[float]:
         """Run `count` lockstep steps; return each step's seconds."""
@@ -110,7 +116,7 @@ def measure(settings: Settings) -> dict[str, Any]:
     }
 
     for n in settings.workers:
-        hog = HogwildBench(engine, ids, n, new_tokens + 4, settings.layout)
+        hog = HogwildBench(engine, ids, n, new_tokens + 4, settings.layout, settings.attention)
         decode = DecodeBaseline(model, prompt, ids[-1], n)
         hog.steps(settings.warmup)
         decode.steps(settings.warmup)
@@ -185,7 +191,7 @@ def _collaboration(
 ) -> dict[str, Any]:
     """N workers that see each other every K tokens: shared cache vs message passing."""
     total = settings.sync_every * settings.rounds
-    hog = HogwildBench(engine, ids, n, total + 4, settings.layout)
+    hog = HogwildBench(engine, ids, n, total + 4, settings.layout, settings.attention)
     run = hog.run
     forward_before, stored_before = run.forward_tokens, run.cache.tokens_stored
     wall = sum(hog.steps(total + 1))  # the first step feeds nothing: the prompt is encoded
@@ -273,6 +279,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
     parser.add_argument(
         "--bandwidth", type=float, help="memory bandwidth in B/s for the bound (default on CUDA: 3.35e12)"
     )
+    parser.add_argument(
+        "--attention", default="fast", choices=IMPLEMENTATIONS, help="the workers' attention (triton: CUDA)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
@@ -297,6 +306,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
         layout=args.layout,
         bandwidth=args.bandwidth or (H100_BANDWIDTH if device.type == "cuda" else None),
         threads=args.threads,
+        attention=args.attention,
     )
     if args.quick:
         settings.workers = [w for w in workers if w <= 2] or [1]

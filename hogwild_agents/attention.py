@@ -9,11 +9,16 @@ Two implementations share the cache and the plan:
 - `fast_attention`: per block group, queries are rotated by -offset per (row, block) and every block of
   the group is scored in ONE batched matmul against the stored keys (no copies, no key re-rotation);
   the softmax runs jointly over all groups by a log-sum-exp merge.
+- `triton_attention` (hogwild_agents.triton_attention, CUDA): the same block attention as one Triton
+  kernel, split-K over (row, block, key chunk) items with a log-sum-exp merge.
 - `eager_attention`: the reference. Per row, it materialises the row's view (keys re-rotated to their
   view positions, concatenated in view order) and runs textbook masked softmax attention.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -24,7 +29,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from hogwild_agents.plan import ForwardPlan
 
 ATTENTION_NAME = "hogwild"
-IMPLEMENTATIONS = ("fast", "eager")
+IMPLEMENTATIONS = ("fast", "eager", "triton")
+AttentionFn = Callable[[ForwardPlan, int, torch.Tensor, float], torch.Tensor]
 
 
 def store_new_kv(plan: ForwardPlan, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -126,6 +132,30 @@ def eager_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling:
     return out
 
 
+def implementation(name: str, device: torch.device | str) -> AttentionFn:
+    """The attention function called `name` for a cache on `device`; a clear error when it cannot run."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention {name!r}; choose one of {', '.join(IMPLEMENTATIONS)}.")
+    if name == "fast":
+        return fast_attention
+    if name == "eager":
+        return eager_attention
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "attention='triton' runs on CUDA devices; this engine is on "
+            f"{torch.device(device).type}. Use attention='fast' here (or set TRITON_INTERPRET=1 before "
+            "importing hogwild_agents to run the kernel in Triton's slow CPU interpreter)."
+        )
+    try:
+        from hogwild_agents.triton_attention import triton_attention
+    except ImportError as error:
+        raise ValueError(
+            f"attention='triton' needs the `triton` package ({error}); install it (`pip install triton`, "
+            "it comes with CUDA builds of torch) or use attention='fast'."
+        ) from error
+    return triton_attention
+
+
 def hogwild_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -145,7 +175,7 @@ def hogwild_attention(
         )
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     store_new_kv(hogwild_plan, module.layer_idx, key, value)
-    attend = fast_attention if hogwild_impl == "fast" else eager_attention
+    attend = implementation(hogwild_impl, query.device)
     return attend(hogwild_plan, module.layer_idx, query, scaling), None
 
 

@@ -154,6 +154,7 @@ class HogwildEngine:
         or typed callables): a call written by any worker runs with `tool_timeout_s`, and its result
         becomes a shared block every worker sees; their schemas join `tools` in the prompt.
         `hooks`: callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished).
+        `attention`: "fast" (batched matmuls), "triton" (a Triton kernel, CUDA) or "eager" (reference).
         `record_views`: put each fed worker's exact view (token ids) into its StepRecord (for inspection
         and tests; it copies every view, every step).
         """

@@ -15,6 +15,7 @@ the query), a large negative number elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,6 +78,7 @@ class ForwardPlan:
             raise ValueError("every row of a forward must feed at least one token")
         self.rows = rows
         self.cache = cache
+        self.derived: dict[str, Any] = {}  # tables an attention builds on the first layer, reused by the rest
         device = cache.shape.device
         lengths = [len(r.token_ids) for r in rows]
         self.q_len = q_len = max(lengths)

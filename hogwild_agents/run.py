@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hogwild_agents.attention import implementation
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
 from hogwild_agents.errors import ContextLengthError
 from hogwild_agents.hooks import Hooks, ToolCall, ToolRunner
@@ -113,8 +114,7 @@ class HogwildRun:
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
-        if attention not in ("fast", "eager"):
-            raise ValueError(f"Unknown attention {attention!r}; choose 'fast' or 'eager'.")
+        implementation(attention, engine.device)  # fails early and clearly when it cannot run here
         self.engine = engine
         self.script = script
         self.tool_runner = tool_runner

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # run the Triton kernel in Triton's CPU interpreter (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
 
 from hogwild_agents import HogwildEngine, RunScript

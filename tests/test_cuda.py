@@ -35,12 +35,34 @@ def test_workers_match_their_views_on_cuda(tokenizer, layout):
     assert drive_and_check(run, 16) >= 48
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_kernel_matches_views_on_cuda(tokenizer, layout):
+    pytest.importorskip("triton")
+    engine = build_tiny_engine("qwen3", tokenizer, device="cuda")
+    run = engine.start(
+        PROMPT,
+        n_workers=4,
+        layout=layout,
+        protocol=named_script(PROMPT, 4),
+        max_new_tokens=40,
+        temperature=1.0,
+        seed=1,
+        attention="triton",
+    )
+    assert drive_and_check(run, 16) >= 48
+
+
+@pytest.mark.parametrize("attention", ["fast", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_cuda(tokenizer, dtype):
+def test_half_precision_on_cuda(tokenizer, dtype, attention):
     from hogwild_agents.reference import view_kv_logits
 
     engine = build_tiny_engine("llama", tokenizer, dtype=dtype, device="cuda")
-    run = engine.start(PROMPT, n_workers=4, protocol=named_script(PROMPT, 4), max_new_tokens=20)
+    if attention == "triton":
+        pytest.importorskip("triton")
+    run = engine.start(
+        PROMPT, n_workers=4, protocol=named_script(PROMPT, 4), max_new_tokens=20, attention=attention
+    )
     for _ in range(10):
         expected = {w.index: view_kv_logits(run, w.index) for w in run.workers if w.pending}
         record = run.step()
