@@ -1,7 +1,13 @@
 """hogwild_agents: several workers of one LLM generating in parallel over one shared KV cache."""
 
 from hogwild_agents.engine import HogwildEngine
-from hogwild_agents.errors import ContextLengthError, HogwildError, ModelLoadError, UnsupportedModelError
+from hogwild_agents.errors import (
+    ContextLengthError,
+    HogwildError,
+    LogitsProcessorError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
 from hogwild_agents.hooks import EngineTool, Hooks, ToolCall
 from hogwild_agents.protocol import Protocol, ProtocolError
 from hogwild_agents.results import HogwildResult, StepRecord, Usage, WorkerResult
@@ -17,6 +23,7 @@ __all__ = [
     "HogwildResult",
     "HogwildRun",
     "Hooks",
+    "LogitsProcessorError",
     "ModelLoadError",
     "Protocol",
     "ProtocolError",

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hogwild_agents import attention
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
+from hogwild_agents.logits_processing import LogitsProcessorsArg
 from hogwild_agents.plan import ForwardPlan
 from hogwild_agents.prompt_cache import PromptCache
 from hogwild_agents.results import HogwildResult, StepRecord
@@ -143,6 +144,7 @@ class HogwildEngine:
         hooks: Hooks | None = None,
         attention: str = "fast",
         record_views: bool = False,
+        logits_processors: LogitsProcessorsArg = None,
     ) -> HogwildRun:
         """Prefill the prompt and return a run to drive with `step()`.
 
@@ -157,6 +159,9 @@ class HogwildEngine:
         `attention`: "fast" (batched matmuls), "triton" (a Triton kernel, CUDA) or "eager" (reference).
         `record_views`: put each fed worker's exact view (token ids) into its StepRecord (for inspection
         and tests; it copies every view, every step).
+        `logits_processors`: transformers-style `LogitsProcessor`s (called as processor(input_ids, scores))
+        applied to every worker's sampled tokens, or {worker index: processors} for some workers only;
+        `input_ids` is the prompt followed by that worker's stream. StepRecord.logits stays the model's.
         """
         if not 1 <= n_workers <= MAX_WORKERS:
             raise ValueError(f"n_workers must be between 1 and {MAX_WORKERS}, got {n_workers}")
@@ -185,6 +190,7 @@ class HogwildEngine:
             tool_runner=runner,
             hooks=hooks,
             record_views=record_views,
+            logits_processors=logits_processors,
         )
 
     def generate(

@@ -15,3 +15,8 @@ class UnsupportedModelError(HogwildError, ValueError):
 
 class ContextLengthError(HogwildError, ValueError):
     """A prompt does not fit the model's context window."""
+
+
+class LogitsProcessorError(HogwildError, RuntimeError):
+    """A logits processor raised or returned unusable scores. Nothing was chosen in that step; the run
+    stays consistent and the next `step()` tries the choice again."""

@@ -23,6 +23,7 @@ from hogwild_agents.attention import implementation
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
 from hogwild_agents.errors import ContextLengthError
 from hogwild_agents.hooks import Hooks, ToolCall, ToolRunner
+from hogwild_agents.logits_processing import LogitsProcessorsArg, apply_processors, per_worker_processors
 from hogwild_agents.plan import ForwardPlan, RowPlan, Segment
 from hogwild_agents.results import HogwildResult, StepRecord, TraceEvent, Usage, WorkerResult
 from hogwild_agents.sampling import SamplingParams, choose_tokens
@@ -111,6 +112,7 @@ class HogwildRun:
         tool_runner: ToolRunner | None = None,
         hooks: Hooks | None = None,
         record_views: bool = False,
+        logits_processors: LogitsProcessorsArg = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
@@ -138,11 +140,13 @@ class HogwildRun:
             for i, name in enumerate(script.worker_names)
         ]
         self.concluding = False
+        self.logits_processors = per_worker_processors(logits_processors, n)
 
         prompt = list(prompt_ids) if prompt_ids is not None else engine.encode(script.prompt)
         if not prompt:
             raise ValueError("The prompt is empty; give at least one token of prompt text.")
         self.prompt_tokens = len(prompt)
+        self.prompt_ids = prompt
         if len(prompt) >= engine.max_positions:
             raise ContextLengthError(
                 f"The prompt has {len(prompt)} tokens but the model's context is {engine.max_positions}; "
@@ -329,7 +333,7 @@ class HogwildRun:
         to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
         sampled = {}
         if to_sample:
-            logits = torch.stack([w.last_logits for w in to_sample])
+            logits = torch.stack([self._processed_logits(w) for w in to_sample])
             sampled = dict(
                 zip(
                     (w.index for w in to_sample),
@@ -368,6 +372,13 @@ class HogwildRun:
                 if not w.finished:
                     self._finish(w, "length")
         record.finished = {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
+
+    def _processed_logits(self, worker: WorkerState) -> torch.Tensor:
+        """The worker's logits after its logits processors (the model's own when it has none)."""
+        processors = self.logits_processors[worker.index]
+        if not processors:
+            return worker.last_logits
+        return apply_processors(processors, self.prompt_ids + worker.stream, worker.last_logits, worker.name)
 
     def _start_tool_call(self, worker: WorkerState, step: int) -> None:
         """If the worker just completed a tool call, start it and pause the worker until it returns."""
