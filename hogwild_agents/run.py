@@ -33,6 +33,7 @@ from hogwild_agents.tool_calls import CLOSE, find_tool_call
 if TYPE_CHECKING:
     from hogwild_agents.engine import HogwildEngine
 
+PARAGRAPH_BREAK = "\n\n"  # what ends a step written by a tool call
 LAYOUTS = ("contiguous", "interleaved", "combined")
 PREFILL_CHUNK = 512  # prompt tokens per forward while prefilling
 DECODE_CONTEXT = 8  # tokens of left context when decoding a stream's newest text
@@ -365,7 +366,7 @@ class HogwildRun:
                 if self.hooks.on_token is not None:
                     self.hooks.on_token(w.index, text)
                 if self.tool_runner is not None and ">" in text and not w.finished:
-                    self._start_tool_call(w, record.index)
+                    self._start_tool_call(w, record)
         budget = self.limits.max_total_tokens
         if budget is not None and not self.concluding and sum(w.generated for w in self.workers) >= budget:
             for w in self.workers:
@@ -380,14 +381,29 @@ class HogwildRun:
             return worker.last_logits
         return apply_processors(processors, self.prompt_ids + worker.stream, worker.last_logits, worker.name)
 
-    def _start_tool_call(self, worker: WorkerState, step: int) -> None:
-        """If the worker just completed a tool call, start it and pause the worker until it returns."""
+    def _start_tool_call(self, worker: WorkerState, record: StepRecord) -> None:
+        """If the worker just completed a tool call, start it and pause the worker until it returns.
+
+        The call ends the worker's step: a paragraph break is written after it (unless already there),
+        so the step joins the history like any other and the result follows as its own block."""
         text = worker.text
         if CLOSE not in text[worker.scan_from :]:
             return
         match = find_tool_call(text, worker.scan_from)
         if match is None:
             return
+        step = record.index
+        if not text.endswith(PARAGRAPH_BREAK):
+            ids = self.engine.encode(PARAGRAPH_BREAK)
+            worker.pending.extend(ids)
+            worker.stream.extend(ids)
+            worker.step_ids.extend(ids)
+            delta = worker.text_delta(len(ids))
+            record.chosen[worker.index] = record.chosen[worker.index] + ids
+            record.texts[worker.index] = record.texts.get(worker.index, "") + delta
+            self.trace.append(TraceEvent(step, worker.index, "forced", delta))
+            if self.hooks.on_token is not None:
+                self.hooks.on_token(worker.index, delta)
         worker.scan_from = match.end
         call = self.tool_runner.submit(match, worker.index, worker.name, step)
         self.tool_calls.append(call)

@@ -52,7 +52,7 @@ class RunScript:
     interjection_period: int = 1024
     finisher: str = ""
     extract_answer: Callable[[str], str | None] = field(default=lambda text: None)
-    tool_result: str = "\n\n[{tool}] called by {worker} \u2192 {result}\n\n"
+    tool_result: str = "[{tool}] called by {worker} \u2192 {result}\n\n"
 
     def own_header(self, worker: int) -> str:
         return self.own_headers[worker] if self.own_headers else ""

@@ -76,6 +76,7 @@ def test_a_call_runs_once_and_every_worker_sees_the_result(tiny_engines, layout)
         view = run.view_token_ids(worker)
         assert any(view[i : i + len(block)] == block for i in range(len(view))), f"worker {worker}"
     assert run.tool_calls[0].result == "42" and not run.tool_calls[0].error
+    assert "</tool_call>\n\n" in run.workers[1].text  # the call ended the caller's step
     for _ in range(4):  # the run goes on, and the caller writes again
         run.step()
     assert run.workers[1].stream[-1] not in engine.encode("</tool_call>")
