@@ -12,6 +12,7 @@ the same kernel on the CPU (slowly), which is how the tests check it against the
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -125,12 +126,60 @@ def _partial_block_attention(
     tl.store(acc_ptr + (out * BLOCK_Q + j[:, None]) * BLOCK_D + d[None, :], acc)
 
 
+@triton.jit
+def _merge_partials(
+    m_ptr,  # [items, kv_heads, BLOCK_Q]
+    l_ptr,
+    acc_ptr,  # [items, kv_heads, BLOCK_Q, BLOCK_D]
+    row_items_ptr,  # [items] int32: item ids ordered by row
+    row_starts_ptr,  # [rows + 1] int32: row r's items are row_items[row_starts[r]:row_starts[r + 1]]
+    out_ptr,  # [rows, q_len, heads, dim] in the query's dtype
+    stride_or,
+    stride_ot,
+    stride_oh,
+    kv_heads,
+    q_len,
+    HEAD_DIM: tl.constexpr,
+    PER_KV: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    begin = tl.load(row_starts_ptr + row)
+    end = tl.load(row_starts_ptr + row + 1)
+    j = tl.arange(0, BLOCK_Q)
+    d = tl.arange(0, BLOCK_D)
+    m_run = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    l_run = tl.zeros((BLOCK_Q,), tl.float32)
+    acc_run = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
+    for k in range(begin, end):
+        base = tl.load(row_items_ptr + k) * kv_heads + kv_head
+        m = tl.load(m_ptr + base * BLOCK_Q + j)
+        m_new = tl.maximum(m_run, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        old_scale = tl.exp(m_run - m_safe)
+        new_scale = tl.exp(m - m_safe)
+        l_run = l_run * old_scale + tl.load(l_ptr + base * BLOCK_Q + j) * new_scale
+        acc = tl.load(acc_ptr + (base * BLOCK_Q + j[:, None]) * BLOCK_D + d[None, :])
+        acc_run = acc_run * old_scale[:, None] + acc * new_scale[:, None]
+        m_run = m_new
+    out = acc_run / tl.where(l_run > 0, l_run, 1.0)[:, None]  # a query that saw no key gets zeros
+    t = j % q_len
+    head = kv_head * PER_KV + j // q_len
+    pointers = out_ptr + row * stride_or + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    valid = (j < PER_KV * q_len)[:, None] & (d < HEAD_DIM)[None, :]
+    tl.store(pointers, out.to(out_ptr.dtype.element_ty), mask=valid)
+
+
 @dataclass
 class BlockTable:
     """The forward's items, grouped by block group; built once per forward and shared by all layers."""
 
     launches: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]]  # group, meta, cos, sin, first
     item_rows: torch.Tensor  # [items] row of each item
+    row_items: torch.Tensor  # [items] int32 item ids ordered by row
+    row_starts: torch.Tensor  # [rows + 1] int32 offsets into row_items
     n_items: int
 
     @classmethod
@@ -157,7 +206,18 @@ class BlockTable:
             launches.append((group, meta, cos.contiguous(), sin.contiguous(), first))
             item_rows.extend(m[0] for m in metas)
             first += len(metas)
-        return cls(launches, torch.tensor(item_rows, device=device), first)
+        by_row = sorted(range(first), key=item_rows.__getitem__)
+        counts = [0] * (len(plan.rows) + 1)
+        for row in item_rows:
+            counts[row + 1] += 1
+        starts = list(itertools.accumulate(counts))
+        return cls(
+            launches,
+            torch.tensor(item_rows, device=device),
+            torch.tensor(by_row, dtype=torch.int32, device=device),
+            torch.tensor(starts, dtype=torch.int32, device=device),
+            first,
+        )
 
 
 def triton_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -212,17 +272,46 @@ def triton_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling
             BLOCK_N=BLOCK_N,
             PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
         )
-    out = merge_partials(m, denominators, acc, table.item_rows, rows)
-    out = out[:, :, : per_kv * q_len, :dim].reshape(rows, kv_heads, per_kv, q_len, dim)
-    return out.permute(0, 3, 1, 2, 4).reshape(rows, q_len, heads, dim).to(query.dtype)
+    out = torch.empty(rows, q_len, heads, dim, dtype=query.dtype, device=query.device)
+    return merge_rows(m, denominators, acc, table.row_items, table.row_starts, out)
+
+
+def merge_rows(
+    m: torch.Tensor,
+    denominators: torch.Tensor,
+    acc: torch.Tensor,
+    row_items: torch.Tensor,
+    row_starts: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Merge the partials of each row's items (the merge kernel) into `out` [rows, q_len, heads, dim]."""
+    rows, q_len, heads, dim = out.shape
+    kv_heads, block_q, block_d = acc.shape[1:]
+    _merge_partials[(rows, kv_heads)](
+        m,
+        denominators,
+        acc,
+        row_items,
+        row_starts,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        kv_heads,
+        q_len,
+        HEAD_DIM=dim,
+        PER_KV=heads // kv_heads,
+        BLOCK_Q=block_q,
+        BLOCK_D=block_d,
+    )
+    return out
 
 
 def merge_partials(
     m: torch.Tensor, denominators: torch.Tensor, acc: torch.Tensor, item_rows: torch.Tensor, rows: int
 ) -> torch.Tensor:
-    """Log-sum-exp merge of per-item partial softmaxes into per-row outputs [rows, kv_heads, q, dim].
-
-    A query that saw no key at all (a padding position) gets zeros."""
+    """Log-sum-exp merge of per-item partial softmaxes into per-row outputs [rows, kv_heads, q, dim];
+    the reference for the merge kernel. A query that saw no key at all (a padding position) gets zeros."""
     index = item_rows[:, None, None].expand_as(m)
     row_max = torch.full((rows, *m.shape[1:]), float("-inf"), device=m.device)
     row_max = row_max.scatter_reduce(0, index, m, reduce="amax")

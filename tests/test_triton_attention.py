@@ -83,6 +83,31 @@ def test_merge_gives_zeros_to_queries_that_saw_nothing():
     assert out[0, 0, 1, 0] == 0.0
 
 
+def test_merge_kernel_equals_the_torch_merge():
+    """Items of three rows in mixed order, one row's padding query seeing nothing, GQA with 2 heads per
+    kv head and q_len 3: the kernel's merge equals merge_partials, written in [rows, q_len, heads, dim]."""
+    torch.manual_seed(0)
+    rows, kv_heads, per_kv, q_len, dim, block_q, block_d = 3, 2, 2, 3, 20, 16, 32
+    item_rows = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    m = torch.randn(len(item_rows), kv_heads, block_q) * 3
+    m[:, :, per_kv * q_len :] = float("-inf")  # padding lanes of the query tile
+    m[item_rows == 1, :, 0] = float("-inf")  # row 1's first query saw no key
+    denominators = torch.rand_like(m) + 0.5
+    denominators[torch.isinf(m)] = 0.0
+    acc = torch.randn(len(item_rows), kv_heads, block_q, block_d)
+    acc[torch.isinf(m)] = 0.0
+    expected = triton_attention.merge_partials(m, denominators, acc, item_rows, rows)
+    expected = expected[:, :, : per_kv * q_len, :dim].reshape(rows, kv_heads, per_kv, q_len, dim)
+    expected = expected.permute(0, 3, 1, 2, 4).reshape(rows, q_len, kv_heads * per_kv, dim)
+
+    row_items = torch.argsort(item_rows, stable=True).to(torch.int32)
+    row_starts = torch.tensor([0, 2, 4, 7], dtype=torch.int32)
+    out = torch.empty(rows, q_len, kv_heads * per_kv, dim)
+    triton_attention.merge_rows(m, denominators, acc, row_items, row_starts, out)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert (out[1, 0, ::per_kv] == 0).all()  # query 0 of every kv head's first head
+
+
 def test_triton_off_cuda_without_the_interpreter_is_refused(tiny_engines, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the engine is on the CPU only on machines without CUDA")
