@@ -3,7 +3,7 @@
 A processor follows transformers' `LogitsProcessor` call convention, so the library's own processors
 (`SuppressTokensLogitsProcessor`, `NoBadWordsLogitsProcessor`, `RepetitionPenaltyLogitsProcessor`, ...)
 work unchanged: `processor(input_ids, scores) -> scores` with `input_ids` [1, seq] (the prompt followed
-by the worker's own stream) and `scores` [1, vocab] (fp32). Processors apply to sampled tokens only;
+by the worker's own stream) and `scores` [1, vocab] (fp32), both on the CPU. Processors apply to sampled tokens only;
 forced tokens, headers and interjections are taken as given.
 """
 
@@ -47,8 +47,8 @@ def apply_processors(
     processors: Sequence[LogitsProcessorFn], input_ids: list[int], logits: torch.Tensor, worker: str
 ) -> torch.Tensor:
     """Run `processors` in order on one worker's logits [vocab]; return the processed fp32 logits."""
-    ids = torch.tensor([input_ids], dtype=torch.long, device=logits.device)
-    scores = logits.float()[None].clone()
+    ids = torch.tensor([input_ids], dtype=torch.long)  # on the CPU, like transformers' default processors
+    scores = logits.float().cpu()[None].clone()
     for fn in processors:
         try:
             scores = fn(ids, scores)
@@ -66,4 +66,4 @@ def apply_processors(
             f"logits processors left worker {worker} no token to choose (every score -inf or NaN); "
             "allow at least one token."
         )
-    return scores[0]
+    return scores[0].to(logits.device)
