@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.builtin_tools import calculator_tool
 from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.live import LiveView
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="NAMES",
         help="comma-separated built-in tools the workers may call inside the run: calculator",
+    )
+    run.add_argument(
+        "--attention",
+        choices=IMPLEMENTATIONS,
+        default="fast",
+        help="attention implementation: fast (default), triton (CUDA kernel) or eager (reference)",
     )
     run.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead")
     run.add_argument(
@@ -126,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
         engine_tools=tools or None,
+        attention=args.attention,
     )
     messages = [{"role": "user", "content": args.question}]
     if args.json:
