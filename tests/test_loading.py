@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -62,3 +65,79 @@ def test_devices_and_dtypes_are_checked():
         resolve_dtype("int8", torch.device("cpu"))
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+# ---- security: no code from model files, safetensors before pickle ------------------------------------
+
+MARKER_CODE = "import pathlib\npathlib.Path(__file__).with_name('CODE_RAN').write_text('yes')\n"
+
+
+def add_custom_code(directory, config_update: dict) -> None:
+    """Give a model directory a module that leaves a marker file when imported, mapped in config.json."""
+    (directory / "custom_model.py").write_text(MARKER_CODE)
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    auto_map = {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomLM"}
+    config.update({"auto_map": auto_map, "architectures": ["CustomLM"], **config_update})
+    config_file.write_text(json.dumps(config))
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_running_it(tmp_path):
+    add_custom_code(tmp_path, {"model_type": "custom_lm"})
+    with pytest.raises(ModelLoadError, match=r"custom model code .* Pass trust_remote_code=True"):
+        HogwildEngine.from_pretrained(tmp_path, device="cpu")
+    assert not (tmp_path / "CODE_RAN").exists()
+
+
+def test_a_known_architecture_loads_without_the_directory_code(tiny_engines, tokenizer, tmp_path):
+    tiny_engines["llama"].model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    add_custom_code(tmp_path, {})
+    engine = HogwildEngine.from_pretrained(tmp_path, device="cpu")
+    assert type(engine.model).__module__.startswith("transformers.models.llama")
+    assert not (tmp_path / "CODE_RAN").exists()
+
+
+def save_with_pickle_weights(model, tokenizer, directory, pickled: dict) -> None:
+    """A checkpoint directory with model.safetensors and a pytorch_model.bin holding `pickled`."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    torch.save(pickled, directory / "pytorch_model.bin")
+
+
+def test_safetensors_weights_are_loaded_before_pickle_ones(tiny_engines, tokenizer, tmp_path):
+    model = tiny_engines["llama"].model
+    other = {name: torch.zeros_like(p) for name, p in model.state_dict().items()}
+    save_with_pickle_weights(model, tokenizer, tmp_path, other)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = HogwildEngine.from_pretrained(tmp_path, device="cpu").model
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert not [w for w in caught if "pickle" in str(w.message)]  # the pickle file was not read
+
+
+class RunsCode:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('yes')",)
+
+
+def test_pickle_only_weights_load_with_a_warning_and_never_run_code(tiny_engines, tokenizer, tmp_path):
+    model = tiny_engines["llama"].model
+    pickled = {name: p * 2 for name, p in model.state_dict().items()}
+    save_with_pickle_weights(model, tokenizer, tmp_path, pickled)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"only the pickle file pytorch_model\.bin; .* weights-only"):
+        loaded = HogwildEngine.from_pretrained(tmp_path, device="cpu").model
+    assert torch.equal(loaded.lm_head.weight, pickled["lm_head.weight"])
+
+    marker = tmp_path / "CODE_RAN"
+    torch.save({**pickled, "payload": RunsCode(marker)}, tmp_path / "pytorch_model.bin")
+    refused = r"unpickler refused them and nothing in them ran"
+    with pytest.warns(UserWarning, match="pickle"), pytest.raises(ModelLoadError, match=refused):
+        HogwildEngine.from_pretrained(tmp_path, device="cpu")
+    assert not marker.exists()

@@ -1,23 +1,32 @@
 """One chat call as one Hogwild run: start, guide (forced tool calls, JSON output), step, stop.
 
 The run holds the engine's lock from start to finish, so calls on one engine queue up and never
-interleave. A tool call by any worker ends the run.
+interleave. A tool call by any worker ends the run. A call given a `cancelled` event stops between two
+steps (or while it waits for the engine) once the event is set.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+import threading
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.hooks import ToolRunner
 from hogwild_agents.results import HogwildResult, StepRecord
 from hogwild_agents.run import HogwildRun
 from hogwild_agents.tool_calls import OPEN, ParsedToolCall, find_complete_tool_call, parse_tool_calls
 from langchain_hogwild._guided import GuidedWriter, object_program, tool_call_program
 
 Step = tuple[HogwildRun, StepRecord]
+LOCK_POLL_S = 0.05  # how often a call waiting for the engine looks at its cancellation event
+
+
+class CallCancelled(Exception):
+    """The caller stopped waiting for the call (a cancelled task, a closed stream)."""
 
 
 @dataclass(frozen=True)
@@ -114,20 +123,29 @@ class _Session:
                 return
 
 
-def iter_call(engine: HogwildEngine, spec: CallSpec) -> Generator[Step, None, Outcome]:
+def iter_call(
+    engine: HogwildEngine, spec: CallSpec, cancelled: threading.Event | None = None
+) -> Generator[Step, None, Outcome]:
     """Run one call, yielding (run, record) after every step; returns the outcome. Holds the engine's
-    lock throughout, so iterate it to the end (or close it) in one thread."""
-    with engine.lock:
+    lock throughout, so iterate it to the end (or close it) in one thread. Raises CallCancelled once
+    `cancelled` is set: while waiting for the engine, or before the next step."""
+    with _holding(engine.lock, cancelled):
+        _check(cancelled)
         run = engine.start(spec.messages, **spec.options)
-        session = _Session(run, spec)
-        while not run.done and not session.stopped:
-            record = run.step()
-            yield run, record
-            session.observe(record)
-        if not session.stopped:
-            run.conclude()  # the protocol's finisher, when the budget ended without an answer
-            session.unfinished_calls()
-        result = run.result()
+        try:
+            session = _Session(run, spec)
+            while not run.done and not session.stopped:
+                _check(cancelled)
+                record = run.step()
+                yield run, record
+                session.observe(record)
+            if not session.stopped:
+                run.conclude()  # the protocol's finisher, when the budget ended without an answer
+                session.unfinished_calls()
+            result = run.result()
+        finally:
+            if run.tool_runner is not None and not isinstance(spec.options.get("engine_tools"), ToolRunner):
+                run.tool_runner.close()  # the runner this call's run made
     return Outcome(
         result=result,
         content=_content(session, result),
@@ -135,6 +153,25 @@ def iter_call(engine: HogwildEngine, spec: CallSpec) -> Generator[Step, None, Ou
         tool_worker=session.tool_worker,
         reused_tokens=run.reused_tokens,
     )
+
+
+@contextmanager
+def _holding(lock: threading.RLock, cancelled: threading.Event | None) -> Iterator[None]:
+    """Hold `lock`; give up with CallCancelled when `cancelled` is set while waiting for it."""
+    if cancelled is None:
+        lock.acquire()
+    else:
+        while not lock.acquire(timeout=LOCK_POLL_S):
+            _check(cancelled)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check(cancelled: threading.Event | None) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise CallCancelled("The call was cancelled.")
 
 
 def run_call(engine: HogwildEngine, spec: CallSpec) -> Outcome:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar, Token
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ from langchain_hogwild._messages import to_chat_messages, with_system_text
 from langchain_hogwild._output import message_fields
 from langchain_hogwild._registry import get_engine
 from langchain_hogwild._streaming import LiveText
+from langchain_hogwild._threads import CallGroup, run_in_thread, stream_calls
 from langchain_hogwild._tools import (
     normalize_tool_choice,
     template_renders_tools,
@@ -72,7 +73,9 @@ class ChatHogwild(BaseChatModel):
     the values.
 
     Weights load on first use; instances with the same (model, device, dtype) share one engine, and
-    calls on one engine run one at a time (async calls run in a worker thread).
+    calls on one engine run one at a time (async calls run in a worker thread). Cancelling an async
+    call, or closing a stream early (`break` out of `stream`, `aclose()` on `astream`), stops its run
+    between two steps and frees the engine.
     """
 
     model: str | None = None
@@ -290,8 +293,7 @@ class ChatHogwild(BaseChatModel):
         try:
             yield from super().stream(input, config, **kwargs)
         finally:
-            with contextlib.suppress(ValueError):  # closed from another context
-                stream_sink.reset(token)
+            _reset(stream_sink, token)
 
     async def astream(
         self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
@@ -304,12 +306,15 @@ class ChatHogwild(BaseChatModel):
             inheritable_metadata=config.get("metadata"),
         )
         token = stream_sink.set((manager, run_id))
+        calls = CallGroup()
+        calls_token = stream_calls.set(calls)
         try:
             async for chunk in super().astream(input, config, **kwargs):
                 yield chunk
         finally:
-            with contextlib.suppress(ValueError):
-                stream_sink.reset(token)
+            await calls.stop()  # a stream closed early: stop its run now, not when it is garbage
+            _reset(stream_calls, calls_token)
+            _reset(stream_sink, token)
 
     # ---- sync ------------------------------------------------------------------------------------
     def _generate(
@@ -320,13 +325,13 @@ class ChatHogwild(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         spec = self._spec(messages, stop, kwargs)
-        steps = iter_call(self.get_engine(), spec)
-        while True:
-            try:
-                run, record = next(steps)
-            except StopIteration as stop_iteration:
-                return self._result(stop_iteration.value, spec)
-            dispatch(run_manager, worker_events(run, record))
+        with contextlib.closing(iter_call(self.get_engine(), spec)) as steps:
+            while True:
+                try:
+                    run, record = next(steps)
+                except StopIteration as stop_iteration:
+                    return self._result(stop_iteration.value, spec)
+                dispatch(run_manager, worker_events(run, record))
 
     def _stream(
         self,
@@ -365,11 +370,12 @@ class ChatHogwild(BaseChatModel):
     ) -> ChatResult:
         outcome = None
         spec = await self._spec_in_thread_safe(messages, stop, kwargs)
-        async for item in self._athread(spec):
-            if isinstance(item, Outcome):
-                outcome = item
-            else:
-                await adispatch(run_manager, item)
+        async with contextlib.aclosing(run_in_thread(self.get_engine(), spec)) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    outcome = item
+                else:
+                    await adispatch(run_manager, item)
         assert outcome is not None
         return self._result(outcome, spec)
 
@@ -383,15 +389,16 @@ class ChatHogwild(BaseChatModel):
         spec = await self._spec_in_thread_safe(messages, stop, kwargs)
         live = self._live(spec)
         outcome = None
-        async for item in self._athread(spec, with_texts=True):
-            if isinstance(item, Outcome):
-                outcome = item
-                continue
-            events, text = item
-            await adispatch(run_manager, events)
-            if live is not None and (delta := live.feed(text)):
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-                yield chunk
+        async with contextlib.aclosing(run_in_thread(self.get_engine(), spec, with_texts=True)) as items:
+            async for item in items:
+                if isinstance(item, Outcome):
+                    outcome = item
+                    continue
+                events, text = item
+                await adispatch(run_manager, events)
+                if live is not None and (delta := live.feed(text)):
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+                    yield chunk
         assert outcome is not None
         content = live.finish(outcome.content) if live is not None else outcome.content
         chunk = self._last_chunk(outcome, spec, content)
@@ -403,43 +410,11 @@ class ChatHogwild(BaseChatModel):
         """Build the call (this may load the engine) without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, self._spec, messages, stop, kwargs)
 
-    async def _athread(self, spec: CallSpec, *, with_texts: bool = False) -> AsyncIterator[Any]:
-        """Run the call in a thread; yield each step's worker events (with worker 0's new text when
-        `with_texts`), then the Outcome."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-        done = object()
 
-        def work() -> None:
-            steps = iter_call(self.get_engine(), spec)
-            try:
-                while True:
-                    if cancelled.is_set():
-                        return
-                    try:
-                        run, record = next(steps)
-                    except StopIteration as stop_iteration:
-                        loop.call_soon_threadsafe(queue.put_nowait, stop_iteration.value)
-                        return
-                    events = worker_events(run, record)
-                    item = (events, record.texts.get(0, "")) if with_texts else events
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-            except BaseException as error:  # handed to the awaiting side
-                loop.call_soon_threadsafe(queue.put_nowait, error)
-            finally:
-                steps.close()
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        future = loop.run_in_executor(None, work)
-        try:
-            while (item := await queue.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            await future
+def _reset(var: ContextVar[Any], token: Token[Any]) -> None:
+    """Undo `var.set`; a stream finalized from another context cannot, and need not."""
+    with contextlib.suppress(ValueError):
+        var.reset(token)
 
 
 def _json_instructions(schema: dict[str, Any]) -> str:

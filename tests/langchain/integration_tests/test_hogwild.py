@@ -111,19 +111,38 @@ def test_follow_up_reuses_the_prompt_prefix(smol_engine) -> None:
     assert second.usage_metadata["input_token_details"]["cache_read"] >= prompt_tokens - 1
 
 
+CONCURRENT_PROMPTS = ("Name a fruit.", "Say a word about the number 7.", "Name a color.", "What is 2 + 2?")
+
+
+def concurrent_calls() -> list[tuple[str, dict]]:
+    """16 calls: four prompts, each with several seeds, some seeds on several prompts, 1 or 2 workers."""
+    return [
+        (CONCURRENT_PROMPTS[i % 4], {"seed": i // 3, "n_workers": 1 + i % 2, "max_tokens": 3 + i % 2})
+        for i in range(16)
+    ]
+
+
+def answer(message: AIMessage) -> tuple[str, list[str]]:
+    return message.content, [w["text"] for w in message.response_metadata["workers"]]
+
+
 def test_concurrent_calls_match_sequential_runs() -> None:
-    model = ChatHogwild(**{**RAW, "temperature": 0.8, "max_tokens": 8})
-    prompts = [f"Say a word about the number {i}." for i in range(4)]
-    sequential = [model.invoke(p, seed=i).content for i, p in enumerate(prompts)]
-    with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda i: model.invoke(prompts[i], seed=i).content, range(4)))
+    """8 threads and 8 asyncio tasks call one instance at the same time; each call gets exactly what the
+    same call gives alone."""
+    model = ChatHogwild(**{**RAW, "temperature": 0.8})
+    calls = concurrent_calls()
+    sequential = [answer(model.invoke(prompt, **options)) for prompt, options in calls]
 
-    async def gather() -> list[str]:
-        replies = await asyncio.gather(*(model.ainvoke(p, seed=i) for i, p in enumerate(prompts)))
-        return [r.content for r in replies]
+    async def in_tasks(batch: list[tuple[str, dict]]) -> list[tuple[str, list[str]]]:
+        replies = await asyncio.gather(*(model.ainvoke(prompt, **options) for prompt, options in batch))
+        return [answer(r) for r in replies]
 
-    assert threaded == sequential
-    assert asyncio.run(gather()) == sequential
+    with ThreadPoolExecutor(8) as pool:
+        threaded = [pool.submit(lambda c: answer(model.invoke(c[0], **c[1])), call) for call in calls[:8]]
+        awaited = asyncio.run(in_tasks(calls[8:]))  # while the threads run
+        concurrent = [future.result() for future in threaded] + awaited
+    assert concurrent == sequential
+    assert len({reply for reply, _ in sequential}) > 4  # the calls really differ
 
 
 def test_tool_round_trip_with_an_agent() -> None:
