@@ -44,7 +44,16 @@ from langchain_hogwild._tools import (
 )
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_CALL_OPTIONS = ("n_workers", "protocol", "layout", "temperature", "top_p", "max_tokens", "seed")
+_CALL_OPTIONS = (
+    "n_workers",
+    "protocol",
+    "layout",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "seed",
+    "timeout_s",
+)
 
 
 class ChatHogwild(BaseChatModel):
@@ -102,6 +111,14 @@ class ChatHogwild(BaseChatModel):
     """Time limit of one in-engine tool call."""
     hooks: Hooks | None = Field(default=None, exclude=True, repr=False)
     """Run callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished)."""
+    timeout_s: float | None = None
+    """Wall-clock limit of one call's run: when it passes, every worker stops (finish_reason "timeout")
+    and what was written so far is returned."""
+    attention: Literal["fast", "triton", "eager"] = "fast"
+    """Attention implementation: "fast" (batched matmuls), "triton" (CUDA kernel), "eager" (reference)."""
+    logits_processors: Any = Field(default=None, exclude=True, repr=False)
+    """transformers `LogitsProcessor`s for every worker, or {worker index: [...]} for some (see
+    `HogwildEngine.start`)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -249,6 +266,9 @@ class ChatHogwild(BaseChatModel):
             "engine_tools": self.engine_tools or None,
             "tool_timeout_s": self.tool_timeout_s,
             "hooks": self.hooks,
+            "timeout_s": settings["timeout_s"],
+            "attention": self.attention,
+            "logits_processors": self.logits_processors,
         }
         return CallSpec(chat, options, tools, choice, json_schema)
 

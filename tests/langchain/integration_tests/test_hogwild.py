@@ -6,6 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
@@ -182,3 +183,26 @@ def test_collaborate_protocol_runs() -> None:
     assert [w["name"] for w in message.response_metadata["workers"]] == ["Alice", "Bob"]
     assert message.response_metadata["protocol"] == "collaborate"
     assert "[Alice]" in message.additional_kwargs["reasoning_content"]
+
+
+def test_a_call_timeout_returns_what_was_written() -> None:
+    model = ChatHogwild(**{**RAW, "max_tokens": 200})
+    message = model.invoke("Count from one to one hundred.", timeout_s=1e-6)  # per-call override
+    assert message.response_metadata["finish_reason"] == "timeout"
+    assert message.usage_metadata["output_tokens"] < 200
+
+
+def test_logits_processors_steer_the_workers(shared_smol_engine) -> None:
+    blue = shared_smol_engine.encode(" blue")
+    assert len(blue) == 1
+
+    def only_blue(input_ids, scores):
+        allowed = torch.full_like(scores, float("-inf"))
+        allowed[:, blue[0]] = 0.0
+        return allowed
+
+    message = ChatHogwild(**RAW, logits_processors={1: [only_blue]}).invoke("Name a colour.")
+    steered, free = message.response_metadata["workers"][1], message.response_metadata["workers"][0]
+    assert steered["text"].endswith(" blue" * steered["generated_tokens"])
+    assert steered["generated_tokens"] == RAW["max_tokens"]
+    assert free["text"] != steered["text"]
