@@ -20,8 +20,11 @@ def test_one_worker_reproduces_generate_on_cuda(tokenizer, name):
     assert result.workers[0].token_ids == expected
 
 
+@pytest.mark.parametrize("attention", ["fast", "triton"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_workers_match_their_views_on_cuda(tokenizer, layout):
+def test_workers_match_their_views_on_cuda(tokenizer, layout, attention):
+    if attention == "triton":
+        pytest.importorskip("triton")
     engine = build_tiny_engine("qwen3", tokenizer, device="cuda")
     run = engine.start(
         PROMPT,
@@ -31,23 +34,7 @@ def test_workers_match_their_views_on_cuda(tokenizer, layout):
         max_new_tokens=40,
         temperature=1.0,
         seed=1,
-    )
-    assert drive_and_check(run, 16) >= 48
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_triton_kernel_matches_views_on_cuda(tokenizer, layout):
-    pytest.importorskip("triton")
-    engine = build_tiny_engine("qwen3", tokenizer, device="cuda")
-    run = engine.start(
-        PROMPT,
-        n_workers=4,
-        layout=layout,
-        protocol=named_script(PROMPT, 4),
-        max_new_tokens=40,
-        temperature=1.0,
-        seed=1,
-        attention="triton",
+        attention=attention,
     )
     assert drive_and_check(run, 16) >= 48
 

@@ -151,6 +151,23 @@ def test_embedded_model_workers_match_their_views(smol_engine):
     assert drive_and_check(run, 10) >= 24
 
 
+def step_side_by_side(runs: list, steps: int, *, inject_at: int, force_every: int) -> None:
+    """Step runs that differ only in their attention implementation, with the same injections and
+    forced paragraph breaks; they must choose the same tokens with logits equal within fp32 rounding."""
+    for step in range(steps):
+        if step == inject_at:
+            for run in runs:
+                run.inject("A shared note.\n\n")
+        if step % force_every == 1:
+            for run in runs:
+                run.force(step % len(run.workers), "\n\n")
+        first, *others = (run.step() for run in runs)
+        for other in others:
+            assert other.chosen == first.chosen
+            for worker, logits in other.logits.items():
+                assert_logits_close(logits, first.logits[worker], rel=2e-5)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fast_path_equals_eager_reference(tiny_engines, layout):
     engine = tiny_engines["qwen3"]
@@ -165,17 +182,7 @@ def test_fast_path_equals_eager_reference(tiny_engines, layout):
         )
         for attention in ("fast", "eager")
     ]
-    for step in range(20):
-        if step == 5:
-            for run in runs:
-                run.inject("A shared note.\n\n")
-        if step % 6 == 1:
-            for run in runs:
-                run.force(step % 4, "\n\n")
-        fast, eager = (run.step() for run in runs)
-        assert fast.chosen == eager.chosen
-        for worker, logits in fast.logits.items():
-            assert_logits_close(logits, eager.logits[worker], rel=2e-5)
+    step_side_by_side(runs, 20, inject_at=5, force_every=6)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])

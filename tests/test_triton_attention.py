@@ -14,7 +14,7 @@ import torch
 
 from hogwild_agents import LAYOUTS
 from tests.conftest import named_script
-from tests.test_equivalence import PROMPT, assert_logits_close, drive_and_check, hf_greedy
+from tests.test_equivalence import PROMPT, drive_and_check, hf_greedy, step_side_by_side
 
 triton_attention = pytest.importorskip("hogwild_agents.triton_attention")
 
@@ -59,17 +59,7 @@ def test_triton_equals_fast_path_step_by_step(tiny_engines, monkeypatch):
         )
         for attention in ("fast", "triton")
     ]
-    for step in range(6):
-        if step == 3:
-            for run in runs:
-                run.inject("A shared note.\n\n")
-        if step % 4 == 1:
-            for run in runs:
-                run.force(step % 3, "\n\n")
-        fast, kernel = (run.step() for run in runs)
-        assert kernel.chosen == fast.chosen
-        for worker, logits in kernel.logits.items():
-            assert_logits_close(logits, fast.logits[worker], rel=2e-5)
+    step_side_by_side(runs, 6, inject_at=3, force_every=4)
 
 
 def test_merge_gives_zeros_to_queries_that_saw_nothing():
