@@ -3,8 +3,8 @@
 A processor follows transformers' `LogitsProcessor` call convention, so the library's own processors
 (`SuppressTokensLogitsProcessor`, `NoBadWordsLogitsProcessor`, `RepetitionPenaltyLogitsProcessor`, ...)
 work unchanged: `processor(input_ids, scores) -> scores` with `input_ids` [1, seq] (the prompt followed
-by the worker's own stream) and `scores` [1, vocab] (fp32), both on the CPU. Processors apply to sampled tokens only;
-forced tokens, headers and interjections are taken as given.
+by the worker's own stream) and `scores` [1, vocab] (fp32), both on the CPU. Processors apply to sampled
+tokens only; forced tokens, headers and interjections are taken as given.
 """
 
 from __future__ import annotations

@@ -25,6 +25,12 @@ stream_sink: ContextVar[tuple[CallbackManager | AsyncCallbackManager, UUID] | No
     "hogwild_stream_sink", default=None
 )
 
+# When `invoke`/`ainvoke` stream implicitly (an outer `astream_events`), langchain-core calls
+# `_stream`/`_astream` without their run manager; ChatHogwild's `_generate_with_cache` overrides put it here.
+model_run: ContextVar[CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None] = ContextVar(
+    "hogwild_model_run", default=None
+)
+
 
 def worker_events(run: HogwildRun, record: StepRecord) -> list[dict[str, Any]]:
     """One event payload per worker that wrote text in this step, then one per in-engine tool call or

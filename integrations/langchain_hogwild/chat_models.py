@@ -30,7 +30,7 @@ from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.hooks import Hooks
 from hogwild_agents.tool_calls import OPEN
 from langchain_hogwild._driver import CallSpec, Outcome, iter_call
-from langchain_hogwild._events import adispatch, dispatch, stream_sink, worker_events
+from langchain_hogwild._events import adispatch, dispatch, model_run, stream_sink, worker_events
 from langchain_hogwild._messages import to_chat_messages, with_system_text
 from langchain_hogwild._output import message_fields
 from langchain_hogwild._registry import get_engine
@@ -336,6 +336,32 @@ class ChatHogwild(BaseChatModel):
             _reset(stream_calls, calls_token)
             _reset(stream_sink, token)
 
+    def _generate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        token = model_run.set(run_manager)  # for `_stream` when langchain-core streams implicitly
+        try:
+            return super()._generate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            _reset(model_run, token)
+
+    async def _agenerate_with_cache(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        token = model_run.set(run_manager)  # for `_astream` when langchain-core streams implicitly
+        try:
+            return await super()._agenerate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            _reset(model_run, token)
+
     # ---- sync ------------------------------------------------------------------------------------
     def _generate(
         self,
@@ -360,6 +386,7 @@ class ChatHogwild(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        run_manager = run_manager or model_run.get()
         spec = self._spec(messages, stop, kwargs)
         live = self._live(spec)
         steps = iter_call(self.get_engine(), spec)
@@ -406,6 +433,7 @@ class ChatHogwild(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        run_manager = run_manager or model_run.get()
         spec = await self._spec_in_thread_safe(messages, stop, kwargs)
         live = self._live(spec)
         outcome = None

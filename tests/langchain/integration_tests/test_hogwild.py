@@ -9,6 +9,7 @@ import pytest
 import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import RunnableLambda
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
@@ -87,6 +88,28 @@ async def test_async_worker_token_events() -> None:
         e["name"] async for e in model.astream_events("Hi", version="v2") if e["event"] == "on_custom_event"
     ]
     assert names and set(names) == {TOKEN_EVENT}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("inner", ["invoke", "ainvoke"])
+async def test_worker_events_reach_an_outer_astream_events(inner) -> None:
+    """A chain that calls the model inside (sync or async) still shows the workers' tokens to an
+    outer `astream_events`, attributed to the model's own run."""
+    model = ChatHogwild(**RAW)
+
+    async def call_async(text: str):
+        return await model.ainvoke(text)
+
+    chain = RunnableLambda(model.invoke if inner == "invoke" else call_async)
+    events = [e async for e in chain.astream_events("Hi", version="v2")]
+    model_runs = {e["run_id"] for e in events if e["event"] == "on_chat_model_start"}
+    tokens = [e for e in events if e["event"] == "on_custom_event" and e["name"] == TOKEN_EVENT]
+    assert tokens and {e["data"]["worker"] for e in tokens} == {0, 1}
+    assert {e["run_id"] for e in tokens} == model_runs
+    message = events[-1]["data"]["output"]  # each token arrives once
+    for worker in (0, 1):
+        streamed = "".join(e["data"]["text"] for e in tokens if e["data"]["worker"] == worker)
+        assert streamed.strip() == message.response_metadata["workers"][worker]["text"].strip()
 
 
 def test_stream_chunks() -> None:
