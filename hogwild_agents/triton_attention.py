@@ -1,6 +1,6 @@
 """Block attention over the shared cache as a Triton kernel (FlashDecoding-style split-K).
 
-The forward's work is cut into *items*: one (row, block, key chunk) each, at most `CHUNK` keys long.
+The forward's work is cut into *items*: one (row, block, key chunk) each, at most `chunk_length` keys.
 One program per (item, kv head) rotates the row's queries by -offset of its block (RoPE trick), scores
 the chunk's stored keys tile by tile with an online softmax, and writes a partial result: running max,
 sum of exponentials and the unnormalised output. The partials of a row are then merged by a
@@ -22,7 +22,8 @@ import triton.language as tl
 from hogwild_agents.attention import fast_attention
 from hogwild_agents.plan import ForwardPlan
 
-CHUNK = 256  # keys per item: splits long blocks across programs
+MIN_CHUNK = 256  # keys per item at the least
+SPLITS = 8  # the longest view is cut into about this many chunks, so that long blocks spread over programs
 MAX_QUERIES = 128  # queries per (row, kv head) the kernel takes; prefill-sized forwards use matmuls
 BLOCK_N = 64  # keys per tile inside a program
 META_FIELDS = 7  # row, slot, start, end, visible, is_target, pad
@@ -186,15 +187,16 @@ class BlockTable:
     def from_plan(cls, plan: ForwardPlan) -> BlockTable:
         per_group: dict[int, tuple[list[list[int]], list[int]]] = {}
         item_rows: list[int] = []
+        chunk = chunk_length(plan)
         for n, (row, pad) in enumerate(zip(plan.rows, plan.pads, strict=True)):
             new = len(row.token_ids)
             for seg in row.segments:
                 target = seg is row.target
                 length = seg.visible + (new if target else 0)
                 metas, offsets = per_group.setdefault(seg.group, ([], []))
-                for start in range(0, length, CHUNK):
+                for start in range(0, length, chunk):
                     metas.append(
-                        [n, seg.slot, start, min(length, start + CHUNK), seg.visible, int(target), pad]
+                        [n, seg.slot, start, min(length, start + chunk), seg.visible, int(target), pad]
                     )
                     offsets.append(-seg.offset)
         device = plan.cache.shape.device
@@ -218,6 +220,13 @@ class BlockTable:
             torch.tensor(starts, dtype=torch.int32, device=device),
             first,
         )
+
+
+def chunk_length(plan: ForwardPlan) -> int:
+    """Keys per item: long enough that the partial results stay small next to the keys they summarise,
+    short enough that the longest view is split over about SPLITS programs per (row, kv head)."""
+    longest = max(row.view_length for row in plan.rows)
+    return max(MIN_CHUNK, -(-longest // SPLITS))
 
 
 def triton_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:

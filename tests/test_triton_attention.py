@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hogwild_agents import LAYOUTS
+from hogwild_agents.plan import ForwardPlan, RowPlan
 from tests.conftest import named_script
 from tests.test_equivalence import PROMPT, drive_and_check, hf_greedy, step_side_by_side
 
@@ -44,8 +45,8 @@ def test_every_worker_matches_its_materialised_view(tiny_engines, layout):
 
 def test_triton_equals_fast_path_step_by_step(tiny_engines, monkeypatch):
     """Same choices and logits within fp32 rounding, through forced tokens, injections and moves; with
-    8-key chunks every block longer than 8 tokens is split across programs and merged."""
-    monkeypatch.setattr(triton_attention, "CHUNK", 8)
+    chunks of 8 keys or more (1/SPLITS of the longest view) long blocks are split across programs."""
+    monkeypatch.setattr(triton_attention, "MIN_CHUNK", 8)
     engine = tiny_engines["llama-yarn"]
     runs = [
         engine.start(
@@ -60,6 +61,22 @@ def test_triton_equals_fast_path_step_by_step(tiny_engines, monkeypatch):
         for attention in ("fast", "triton")
     ]
     step_side_by_side(runs, 6, inject_at=3, force_every=4)
+
+
+def test_chunks_split_the_longest_view_into_about_splits_programs(tiny_engines, monkeypatch):
+    engine = tiny_engines["llama"]
+    run = engine.start("word " * 600, n_workers=2, max_new_tokens=4)
+    run.step()
+    rows = [RowPlan(tuple(w.pending), tuple(run._segments(w.index))) for w in run.workers]
+    plan = ForwardPlan(rows, run.cache, engine.dtype)
+    longest = max(row.view_length for row in rows)
+    assert triton_attention.chunk_length(plan) == triton_attention.MIN_CHUNK  # ~600 keys: not split
+    monkeypatch.setattr(triton_attention, "MIN_CHUNK", 16)
+    chunk = triton_attention.chunk_length(plan)
+    assert chunk == -(-longest // triton_attention.SPLITS)
+    table = triton_attention.BlockTable.from_plan(plan)
+    shared_items = [int(m[3] - m[2]) for group, meta, *_ in table.launches if group == 0 for m in meta]
+    assert max(shared_items) == chunk and sum(shared_items) == 2 * run.cache.shared_length
 
 
 def test_merge_gives_zeros_to_queries_that_saw_nothing():
