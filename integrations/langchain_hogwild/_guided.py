@@ -1,11 +1,13 @@
 """Schema-guided writing: force a JSON skeleton into one worker's stream, let the model write the values.
 
 A *program* is a generator that yields `Force(text)` (tokens the worker must take next) and
-`Read(prefix)` (the model writes one JSON value freely; the program receives it), and returns what it
-built. `GuidedWriter` runs a program against a live run, one step at a time. The engine has no logits
-hook, so values are read, not constrained: a value ends where a complete JSON value does, and anything
-the model writes after it in the same token is ignored; the returned object is assembled from the
-values, so it always matches the skeleton (keys, nesting, tool name) of the schema.
+`Read(prefix)` (the model writes one JSON value; the program receives it), and returns what it built.
+`GuidedWriter` runs a program against a live run, one step at a time. Integer, number and boolean
+values are constrained while they are written (a logits processor allows only tokens that keep the
+text such a value); strings and free objects are read as written. A value ends where a complete JSON
+value does, and anything the model writes after it in the same token is ignored; the returned object
+is assembled from the values, so it always matches the skeleton (keys, nesting, tool name) of the
+schema.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from hogwild_agents.results import StepRecord
 from hogwild_agents.run import HogwildRun
 from hogwild_agents.tool_calls import CLOSE, OPEN, ParsedToolCall
+from langchain_hogwild._value_masks import KINDS, TypedValueProcessor
 
 _DECODER = json.JSONDecoder()
 _VALUE_STARTS = '"{[-0123456789tfn'
@@ -33,6 +36,8 @@ class Force:
 class Read:
     prefix: str = ""  # the part of the value already forced ('"' for strings, '{' for free objects)
     max_tokens: int = 40
+    kind: str | None = None  # "integer", "number" or "boolean": only tokens that keep that type are allowed
+    end: str = ""  # the skeleton's character after the value ("," or "}"), which may close a typed value
 
 
 Program = Generator[Force | Read, Any, Any]
@@ -121,7 +126,7 @@ def coerce(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
-def value_program(schema: dict[str, Any], root: dict[str, Any]) -> Program:
+def value_program(schema: dict[str, Any], root: dict[str, Any], end: str = "") -> Program:
     schema = resolve(schema, root)
     kind = schema.get("type")
     if kind == "object" and schema.get("properties"):
@@ -129,7 +134,8 @@ def value_program(schema: dict[str, Any], root: dict[str, Any]) -> Program:
     if kind == "string" or (schema.get("enum") and all(isinstance(c, str) for c in schema["enum"])):
         yield Force('"')
         return coerce((yield Read(prefix='"')), schema)
-    return coerce((yield Read()), schema)
+    typed = kind if kind in KINDS and not schema.get("enum") else None
+    return coerce((yield Read(kind=typed, end=end)), schema)
 
 
 def object_program(schema: dict[str, Any], root: dict[str, Any] | None = None) -> Program:
@@ -147,7 +153,7 @@ def object_program(schema: dict[str, Any], root: dict[str, Any] | None = None) -
     built: dict[str, Any] = {}
     for i, (key, sub) in enumerate(properties.items()):
         yield Force(("{" if i == 0 else ", ") + json.dumps(key) + ":" + (" " if _is_text(sub, root) else ""))
-        built[key] = yield from value_program(sub, root)
+        built[key] = yield from value_program(sub, root, "," if i < len(properties) - 1 else "}")
     yield Force("}")
     return built
 
@@ -209,6 +215,7 @@ class GuidedWriter:
         self.value: Any = None
         self.finished_program = False
         self.done = False
+        self._own_processors = list(run.logits_processors[worker])  # the caller's, kept in place
         self._advance(None, first=True)
 
     @property
@@ -229,12 +236,21 @@ class GuidedWriter:
             self.read, self.buffer, self.read_ids = instruction, instruction.prefix, []
         except StopIteration as stop:
             self.value, self.read, self.finished_program = stop.value, None, True
+        self._constrain()
         forced = skip_written(self.trailing, forced)
         if forced and not self._worker_finished:
             self.run.force(self.worker, self.closer + forced)
         self.closer, self.trailing = "", ""
         if self.finished_program and (not forced or self._worker_finished):
             self.done = True
+
+    def _constrain(self) -> None:
+        """Install the type mask of the value being read (if typed); remove it otherwise."""
+        processors = list(self._own_processors)
+        if self.read is not None and self.read.kind is not None:
+            kind, end = self.read.kind, self.read.end
+            processors.append(TypedValueProcessor(self.run.engine, kind, lambda: self.buffer, end))
+        self.run.logits_processors[self.worker] = processors
 
     def observe(self, record: StepRecord) -> None:
         if self.done:

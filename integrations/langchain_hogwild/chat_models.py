@@ -79,7 +79,8 @@ class ChatHogwild(BaseChatModel):
 
     Structured output: "function_calling" (default) is a forced tool call; "json_schema" and
     "json_mode" force a JSON object with the schema's keys into worker 0's stream, the model writing
-    the values.
+    the values. Integer, number and boolean values (here and in enforced tool arguments) are
+    constrained while written: only tokens that keep them valid JSON of their type can be sampled.
 
     Weights load on first use; instances with the same (model, device, dtype) share one engine, and
     calls on one engine run one at a time (async calls run in a worker thread). Cancelling an async
