@@ -165,7 +165,7 @@ def hogwild_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     hogwild_plan: ForwardPlan | None = None,
-    hogwild_impl: str = "fast",
+    hogwild_attend: AttentionFn = fast_attention,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered as `hogwild` in transformers' AttentionInterface."""
@@ -175,8 +175,7 @@ def hogwild_attention(
         )
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     store_new_kv(hogwild_plan, module.layer_idx, key, value)
-    attend = implementation(hogwild_impl, query.device)
-    return attend(hogwild_plan, module.layer_idx, query, scaling), None
+    return hogwild_attend(hogwild_plan, module.layer_idx, query, scaling), None
 
 
 def register() -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -144,8 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     console = Console()
     live = args.view == "live" or (args.view == "auto" and console.is_terminal)
-    with engine.lock:
-        run = engine.start(messages, **options)
+    with engine.lock, closing(engine.start(messages, **options)) as run:
         if live:
             with LiveView(run, console) as view:
                 run.hooks.on_tool_call = lambda c: view.note(f"{c.worker_name} calls {c.name}: {c.raw}")

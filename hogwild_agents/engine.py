@@ -88,7 +88,9 @@ class HogwildEngine:
             list(messages), tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
         )
 
-    def forward(self, plan: ForwardPlan, implementation: str = "fast") -> torch.Tensor:
+    def forward(
+        self, plan: ForwardPlan, attend: attention.AttentionFn = attention.fast_attention
+    ) -> torch.Tensor:
         """One forward pass over the shared cache; returns the last-token logits of each row (fp32)."""
         with torch.inference_mode():
             out = self.model(
@@ -97,7 +99,7 @@ class HogwildEngine:
                 use_cache=False,
                 logits_to_keep=1,
                 hogwild_plan=plan,
-                hogwild_impl=implementation,
+                hogwild_attend=attend,
             )
         return out.logits[:, -1].float()
 
@@ -188,6 +190,7 @@ class HogwildEngine:
             attention=attention,
             prompt_ids=list(prompt) if token_prompt else None,
             tool_runner=runner,
+            owns_tool_runner=runner is not engine_tools,
             hooks=hooks,
             record_views=record_views,
             logits_processors=logits_processors,
@@ -211,8 +214,7 @@ class HogwildEngine:
                 run.conclude()  # the protocol's finisher, when the budget ended without an answer
                 return run.result()
             finally:
-                if run.tool_runner is not None and not isinstance(options.get("engine_tools"), ToolRunner):
-                    run.tool_runner.close()
+                run.close()
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -111,16 +111,18 @@ class HogwildRun:
         attention: str = "fast",
         prompt_ids: Sequence[int] | None = None,
         tool_runner: ToolRunner | None = None,
+        owns_tool_runner: bool = False,
         hooks: Hooks | None = None,
         record_views: bool = False,
         logits_processors: LogitsProcessorsArg = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
-        implementation(attention, engine.device)  # fails early and clearly when it cannot run here
+        self.attend = implementation(attention, engine.device)  # fails early when it cannot run here
         self.engine = engine
         self.script = script
         self.tool_runner = tool_runner
+        self.owns_tool_runner = owns_tool_runner  # made for this run: `close()` shuts it down
         self.hooks = hooks or Hooks()
         self.tool_calls: list[ToolCall] = []
         self.layout = layout
@@ -222,7 +224,7 @@ class HogwildRun:
     def _forward(self, rows: list[RowPlan]) -> torch.Tensor:
         """Run one forward over `rows` (capacity already reserved); store K/V; return last logits."""
         plan = ForwardPlan(rows, self.cache, self.engine.dtype)
-        logits = self.engine.forward(plan, self.attention)
+        logits = self.engine.forward(plan, self.attend)
         for row in rows:
             self.cache.commit(row.target.group, row.target.slot, list(row.token_ids))
         self.forward_tokens += sum(len(r.token_ids) for r in rows)
@@ -361,10 +363,7 @@ class HogwildRun:
             record.chosen[w.index], record.sources[w.index] = ids, source
             self._accept(w, ids, source)
             if w.stream[-len(ids) :] == ids:
-                record.texts[w.index] = text = w.text_delta(len(ids))
-                self.trace.append(TraceEvent(record.index, w.index, source, text))
-                if self.hooks.on_token is not None:
-                    self.hooks.on_token(w.index, text)
+                text = self._emit(w, record, len(ids), source)
                 if self.tool_runner is not None and ">" in text and not w.finished:
                     self._start_tool_call(w, record)
         budget = self.limits.max_total_tokens
@@ -373,6 +372,15 @@ class HogwildRun:
                 if not w.finished:
                     self._finish(w, "length")
         record.finished = {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
+
+    def _emit(self, worker: WorkerState, record: StepRecord, n_new: int, source: str) -> str:
+        """Report the text of the worker's newest `n_new` stream tokens: step record, trace, on_token."""
+        text = worker.text_delta(n_new)
+        record.texts[worker.index] = record.texts.get(worker.index, "") + text
+        self.trace.append(TraceEvent(record.index, worker.index, source, text))
+        if self.hooks.on_token is not None:
+            self.hooks.on_token(worker.index, text)
+        return text
 
     def _processed_logits(self, worker: WorkerState) -> torch.Tensor:
         """The worker's logits after its logits processors (the model's own when it has none)."""
@@ -398,12 +406,8 @@ class HogwildRun:
             worker.pending.extend(ids)
             worker.stream.extend(ids)
             worker.step_ids.extend(ids)
-            delta = worker.text_delta(len(ids))
             record.chosen[worker.index] = record.chosen[worker.index] + ids
-            record.texts[worker.index] = record.texts.get(worker.index, "") + delta
-            self.trace.append(TraceEvent(step, worker.index, "forced", delta))
-            if self.hooks.on_token is not None:
-                self.hooks.on_token(worker.index, delta)
+            self._emit(worker, record, len(ids), "forced")
         worker.scan_from = match.end
         call = self.tool_runner.submit(match, worker.index, worker.name, step)
         self.tool_calls.append(call)
@@ -498,6 +502,11 @@ class HogwildRun:
         worker.finish_reason = reason
         worker.closing = True  # its last tokens are still fed, then its block joins the history
         worker.forced, worker.header_due = [], []
+
+    def close(self) -> None:
+        """Release what the run made for itself (the thread pool of a tool runner built for it)."""
+        if self.tool_runner is not None and self.owns_tool_runner:
+            self.tool_runner.close()
 
     def conclude(self, worker: int = 0, max_tokens: int = 64) -> bool:
         """Finish a run that ended without an answer: force the script's finisher into `worker`'s stream

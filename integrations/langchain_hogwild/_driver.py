@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild_agents.engine import HogwildEngine
-from hogwild_agents.hooks import ToolRunner
 from hogwild_agents.results import HogwildResult, StepRecord
 from hogwild_agents.run import HogwildRun
 from hogwild_agents.tool_calls import OPEN, ParsedToolCall, find_complete_tool_call, parse_tool_calls
@@ -144,8 +143,7 @@ def iter_call(
                 session.unfinished_calls()
             result = run.result()
         finally:
-            if run.tool_runner is not None and not isinstance(spec.options.get("engine_tools"), ToolRunner):
-                run.tool_runner.close()  # the runner this call's run made
+            run.close()
     return Outcome(
         result=result,
         content=_content(session, result),
