@@ -1,7 +1,7 @@
 """Type masks for guided JSON values: while a worker writes an integer, number or boolean value, only
 tokens that keep the text a valid beginning of such a value (or end it) may be sampled.
 
-The candidates per kind are found once per tokenizer (tokens that look like part of a number or a
+The candidates per kind are found once per engine (tokens that look like part of a number or a
 literal, and pure closers such as "," or "}"); each step checks only those against the text so far.
 """
 
@@ -28,11 +28,9 @@ def is_valid_value_text(kind: str, text: str, end: str = "") -> bool:
     """True when `text` (leading whitespace allowed) is the beginning of a JSON value of `kind`, or a
     complete one followed by whitespace and at most the skeleton's next character `end` ("," or "}"),
     so that the JSON around it stays valid."""
-    body = text.lstrip()
-    if not body:
+    if not text.strip():
         return True
-    cut = next((i for i, ch in enumerate(body) if ch in _CLOSERS), len(body))
-    value, rest = body[:cut], body[cut:]
+    value, rest = _split_value(text)
     if kind == "boolean":
         if rest:
             return value in _LITERALS and rest.strip() in ("", end)
@@ -43,7 +41,15 @@ def is_valid_value_text(kind: str, text: str, end: str = "") -> bool:
     return prefix.fullmatch(value) is not None
 
 
+def _split_value(text: str) -> tuple[str, str]:
+    """(the value part, the rest from its first closer on) of `text` without its leading whitespace."""
+    body = text.lstrip()
+    cut = next((i for i, ch in enumerate(body) if ch in _CLOSERS), len(body))
+    return body[:cut], body[cut:]
+
+
 _NUMBER_CHARS = set("-0123456789.eE+")
+_TEXTS: WeakKeyDictionary[HogwildEngine, list[str]] = WeakKeyDictionary()
 _CACHE: WeakKeyDictionary[HogwildEngine, dict[str, tuple[list[int], list[str]]]] = WeakKeyDictionary()
 
 
@@ -51,7 +57,9 @@ def candidates(engine: HogwildEngine, kind: str) -> tuple[list[int], list[str]]:
     """Token ids (and texts) that could extend or close a value of `kind`; found once per engine."""
     per_kind = _CACHE.setdefault(engine, {})
     if kind not in per_kind:
-        texts = [engine.tokenizer.decode([i]) for i in range(len(engine.tokenizer))]
+        texts = _TEXTS.get(engine)
+        if texts is None:  # every token decoded once per engine, for all kinds
+            texts = _TEXTS[engine] = [engine.tokenizer.decode([i]) for i in range(len(engine.tokenizer))]
         chosen = [(i, text) for i, text in enumerate(texts) if text and _may_take_part(kind, text)]
         per_kind[kind] = ([i for i, _ in chosen], [t for _, t in chosen])
     return per_kind[kind]
@@ -59,9 +67,7 @@ def candidates(engine: HogwildEngine, kind: str) -> tuple[list[int], list[str]]:
 
 def _may_take_part(kind: str, text: str) -> bool:
     """The token's text up to its first closer could sit inside a value of `kind` (or it has none)."""
-    body = text.lstrip()
-    end = next((i for i, ch in enumerate(body) if ch in _CLOSERS), len(body))
-    part = body[:end]
+    part, _ = _split_value(text)
     if kind == "boolean":
         return any(part in literal for literal in _LITERALS)
     return all(ch in _NUMBER_CHARS for ch in part)
@@ -80,7 +86,7 @@ class TypedValueProcessor:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         so_far = self.written()
-        # a value may not start with whitespace only after whitespace: that would never end
+        # refuse blank tokens while the value has not started: blank after blank could go on forever
         blank_so_far = not so_far.strip()
         allowed = [
             token_id
