@@ -1,60 +1,38 @@
-"""The shared KV cache: groups of blocks in preallocated per-layer storage.
+"""The KV cache: one paged pool of K/V storage per engine, and each run's blocks in it.
 
-A *block* is a run of tokens whose keys are stored rotated at their local index (as if the block began
-at position 0). Blocks live in *groups*; a group is one storage tensor per K and V,
-`[layers, slots, kv_heads, capacity, head_dim]`, so that one batched matmul scores every block of a group.
-The cache of a run has three groups:
+A *block* is a run of tokens whose keys are stored rotated at their LOCAL index (as if the block began
+at position 0). A run has three groups of blocks:
 
 - ``SHARED``: one block, the prompt plus the shared history (finished steps, injected blocks). It only
   grows, so its keys are stored at their absolute positions and it sits at offset 0 of every view.
 - ``HEADERS``: small fixed blocks (section headers) written once at the start of a run.
-- ``STEPS``: one block per worker: the worker's current step (or, in the contiguous layout, its whole
-  output). A finished step moves into ``SHARED`` with one re-rotation of its keys; its slot is reused.
+- ``STEPS``: one block per worker: its current step (or, in the contiguous layout, its whole output).
+  A finished step moves into ``SHARED`` with one re-rotation of its keys; the block starts empty again.
 
-Each token is stored once. Storage grows by doubling when a block outgrows its capacity (one copy of
-the group per doubling, never per step), so allocated bytes are at most twice the used bytes per group
-plus the initial reservation.
+Storage is paged, as in serving engines: the pool holds K and V as `[layers, kv_heads, pages, PAGE_SIZE,
+head_dim]`, and a block is a list of pages plus a length. Pages are taken from the pool when a block
+grows and given back when the run releases its cache, so runs of any length share one storage with at
+most one partly filled page per block. The pool grows by doubling up to its byte cap; a scheduler
+reserves pages for a run before admitting it (`KVPool.reserve`), so admitted runs never exhaust it.
+
+Every K/V write goes through `KVPool.write` (new tokens of a forward, finished steps moving into the
+shared history, reused prompt prefixes); attention implementations only read.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from hogwild_agents.errors import CacheCapacityError
 from hogwild_agents.rotary import Rotations
 
 SHARED, HEADERS, STEPS = 0, 1, 2
-
-
-@dataclass
-class BlockGroup:
-    """Slots of equal capacity in one storage tensor per K and V."""
-
-    k: torch.Tensor  # [layers, slots, kv_heads, capacity, head_dim]
-    v: torch.Tensor  # [layers, slots, kv_heads, capacity, head_dim]
-    lengths: list[int]
-    token_ids: list[list[int]] = field(default_factory=list)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def n_slots(self) -> int:
-        return self.k.shape[1]
-
-    def ensure_capacity(self, needed: int) -> None:
-        """Grow every slot to hold at least `needed` tokens (doubling; existing entries copied once)."""
-        if needed <= self.capacity:
-            return
-        new_capacity = max(needed, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            shape = (*old.shape[:3], new_capacity, old.shape[4])
-            grown = old.new_zeros(shape)
-            grown[:, :, :, : old.shape[3]] = old
-            setattr(self, name, grown)
+GROUPS = (SHARED, HEADERS, STEPS)
+PAGE_SIZE = 16  # tokens per page
 
 
 @dataclass(frozen=True)
@@ -71,43 +49,174 @@ class KVShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
 
-class SharedKVCache:
-    """All K/V of one run: the shared block, header blocks and one step block per worker."""
+def pages_for(tokens: int) -> int:
+    return -(-tokens // PAGE_SIZE)
 
-    def __init__(
-        self,
-        shape: KVShape,
-        rotations: Rotations,
-        n_workers: int,
-        n_headers: int,
-        shared_capacity: int,
-        step_capacity: int = 64,
-        header_capacity: int = 16,
-    ) -> None:
+
+class KVPool:
+    """Paged K/V storage shared by runs. `max_bytes` caps the storage (None: no cap)."""
+
+    def __init__(self, shape: KVShape, rotations: Rotations, max_bytes: int | None = None) -> None:
         self.shape = shape
         self.rotations = rotations
-        self.groups = [
-            self._new_group(1, shared_capacity),
-            self._new_group(max(n_headers, 1), header_capacity),
-            self._new_group(n_workers, step_capacity),
+        self.page_bytes = shape.bytes_per_token * PAGE_SIZE
+        self.max_pages = None if max_bytes is None else max_bytes // self.page_bytes
+        if self.max_pages is not None and self.max_pages < 1:
+            raise ValueError(
+                f"max_cache_bytes={max_bytes} is smaller than one cache page ({self.page_bytes} bytes); "
+                "raise it."
+            )
+        self.k = self._storage(0)
+        self.v = self._storage(0)
+        self._free: list[int] = []  # a heap: the lowest free page first, so blocks stay compact
+        self._in_use = 0
+        self.reserved = 0  # pages promised to admitted runs (see `reserve`)
+
+    def _storage(self, pages: int) -> torch.Tensor:
+        s = self.shape
+        dims = (s.layers, s.kv_heads, pages, PAGE_SIZE, s.head_dim)
+        return torch.zeros(dims, dtype=s.dtype, device=s.device)
+
+    # ---- accounting ----------------------------------------------------------------------------
+    @property
+    def n_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def pages_in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def bytes_allocated(self) -> int:
+        return self.n_pages * self.page_bytes
+
+    def can_reserve(self, pages: int) -> bool:
+        return self.max_pages is None or self.reserved + pages <= self.max_pages
+
+    def fits_alone(self, pages: int) -> bool:
+        return self.max_pages is None or pages <= self.max_pages
+
+    def reserve(self, pages: int) -> None:
+        """Promise `pages` to a run (admission control); `unreserve` when it leaves."""
+        if not self.can_reserve(pages):
+            raise CacheCapacityError(
+                f"cannot reserve {pages} pages: {self.reserved} of {self.max_pages} taken"
+            )
+        self.reserved += pages
+
+    def unreserve(self, pages: int) -> None:
+        self.reserved = max(0, self.reserved - pages)
+        if self._in_use == 0 and self.reserved == 0:
+            self.trim()
+
+    # ---- pages ---------------------------------------------------------------------------------
+    def allocate(self, count: int) -> list[int]:
+        """Take `count` pages (growing the storage by doubling, within the cap)."""
+        missing = count - len(self._free)
+        if missing > 0:
+            self._grow(self.n_pages + missing)
+        pages = [heapq.heappop(self._free) for _ in range(count)]
+        self._in_use += count
+        return pages
+
+    def release(self, pages: Sequence[int]) -> None:
+        for page in pages:
+            heapq.heappush(self._free, page)
+        self._in_use -= len(pages)
+        if self._in_use == 0 and self.reserved == 0:
+            self.trim()
+
+    def trim(self) -> None:
+        """Give the storage back when no page is in use (the pool regrows on demand)."""
+        if self._in_use == 0 and self.n_pages:
+            self.k, self.v = self._storage(0), self._storage(0)
+            self._free = []
+
+    def _grow(self, needed: int) -> None:
+        pages = max(needed, 2 * self.n_pages, 4)
+        if self.max_pages is not None:
+            if needed > self.max_pages:
+                raise CacheCapacityError(
+                    f"the KV cache is full: {needed} pages needed, the cap is {self.max_pages} pages "
+                    f"({self.max_pages * self.page_bytes} bytes); raise max_cache_bytes or run fewer "
+                    "or shorter runs at once."
+                )
+            pages = min(pages, self.max_pages)
+        old = self.n_pages
+        for name in ("k", "v"):
+            grown = self._storage(pages)
+            grown[:, :, :old] = getattr(self, name)
+            setattr(self, name, grown)
+        for page in range(old, pages):
+            heapq.heappush(self._free, page)
+
+    # ---- the one write path --------------------------------------------------------------------
+    def write(
+        self,
+        layer: int | None,
+        pages: torch.Tensor,
+        offsets: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Store K/V of tokens at (page, offset) pairs. `layer` None: all layers, `k`/`v` shaped
+        [layers, kv_heads, tokens, head_dim]; else [kv_heads, tokens, head_dim]."""
+        if layer is None:
+            self.k[:, :, pages, offsets] = k.to(self.k.dtype)
+            self.v[:, :, pages, offsets] = v.to(self.v.dtype)
+        else:
+            self.k[layer][:, pages, offsets] = k.to(self.k.dtype)
+            self.v[layer][:, pages, offsets] = v.to(self.v.dtype)
+
+    def read(self, layer: int | None, pages: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the first `length` tokens held in `pages`: [(layers,) kv_heads, length, head_dim]."""
+        index = torch.tensor(list(pages), dtype=torch.long, device=self.k.device)
+        k = self.k[:, :, index] if layer is None else self.k[layer][:, index]
+        v = self.v[:, :, index] if layer is None else self.v[layer][:, index]
+        shape = (*k.shape[:-3], -1, k.shape[-1])
+        return k.reshape(shape)[..., :length, :], v.reshape(shape)[..., :length, :]
+
+
+@dataclass
+class Block:
+    """A run of tokens in the pool: its pages, how many tokens it holds, and their ids."""
+
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+    def locations(self, start: int, count: int) -> tuple[list[int], list[int]]:
+        """(page, offset) of local positions start..start+count."""
+        positions = range(start, start + count)
+        return [self.pages[p // PAGE_SIZE] for p in positions], [p % PAGE_SIZE for p in positions]
+
+
+class RunCache:
+    """All K/V of one run, as blocks in a pool: the shared block, header blocks and one step block per
+    worker. `release()` gives the pages back."""
+
+    def __init__(self, pool: KVPool, n_workers: int, n_headers: int) -> None:
+        self.pool = pool
+        self.shape = pool.shape
+        self.rotations = pool.rotations
+        self.blocks: list[list[Block]] = [
+            [Block()],
+            [Block() for _ in range(max(n_headers, 1))],
+            [Block() for _ in range(n_workers)],
         ]
 
-    def _new_group(self, slots: int, capacity: int) -> BlockGroup:
-        s = self.shape
-        dims = (s.layers, slots, s.kv_heads, max(capacity, 1), s.head_dim)
-        return BlockGroup(
-            k=torch.zeros(dims, dtype=s.dtype, device=s.device),
-            v=torch.zeros(dims, dtype=s.dtype, device=s.device),
-            lengths=[0] * slots,
-            token_ids=[[] for _ in range(slots)],
-        )
-
     # ---- reading -------------------------------------------------------------------------------
+    def block(self, group: int, slot: int = 0) -> Block:
+        return self.blocks[group][slot]
+
     def length(self, group: int, slot: int = 0) -> int:
-        return self.groups[group].lengths[slot]
+        return self.blocks[group][slot].length
 
     def token_ids(self, group: int, slot: int = 0) -> list[int]:
-        return self.groups[group].token_ids[slot]
+        return self.blocks[group][slot].token_ids
+
+    def lengths(self, group: int) -> list[int]:
+        return [b.length for b in self.blocks[group]]
 
     @property
     def shared_length(self) -> int:
@@ -115,7 +224,11 @@ class SharedKVCache:
 
     @property
     def tokens_stored(self) -> int:
-        return sum(sum(g.lengths) for g in self.groups)
+        return sum(b.length for blocks in self.blocks for b in blocks)
+
+    @property
+    def pages_held(self) -> int:
+        return sum(len(b.pages) for blocks in self.blocks for b in blocks)
 
     @property
     def bytes_used(self) -> int:
@@ -124,14 +237,15 @@ class SharedKVCache:
 
     @property
     def bytes_allocated(self) -> int:
-        return sum(g.k.numel() * g.k.element_size() * 2 for g in self.groups)
+        """Bytes of the pages this run holds (at most one partly filled page per block)."""
+        return self.pages_held * self.pool.page_bytes
 
     def block_kv(
         self, layer: int, group: int, slot: int, length: int, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K rotated to absolute positions offset..offset+length and V: each [kv_heads, length, head_dim]."""
-        g = self.groups[group]
-        k, v = g.k[layer, slot, :, :length], g.v[layer, slot, :, :length]
+        block = self.blocks[group][slot]
+        k, v = self.pool.read(layer, block.pages[: pages_for(length)], length)
         if group == SHARED or offset == 0:
             return k, v
         cos, sin = self.rotations.cos_sin(torch.tensor(offset, device=k.device), torch.float32)
@@ -140,30 +254,47 @@ class SharedKVCache:
     # ---- writing -------------------------------------------------------------------------------
     def reserve(self, group: int, slot: int, n_tokens: int) -> int:
         """Make room for `n_tokens` more tokens in a block; return the local index they start at."""
-        start = self.groups[group].lengths[slot]
-        self.groups[group].ensure_capacity(start + n_tokens)
-        return start
+        block = self.blocks[group][slot]
+        missing = pages_for(block.length + n_tokens) - len(block.pages)
+        if missing > 0:
+            block.pages.extend(self.pool.allocate(missing))
+        return block.length
 
-    def commit(self, group: int, slot: int, token_ids: list[int]) -> None:
+    def commit(self, group: int, slot: int, token_ids: Sequence[int]) -> None:
         """Record that `token_ids` were written at the end of a block (their K/V already stored)."""
-        g = self.groups[group]
-        g.lengths[slot] += len(token_ids)
-        g.token_ids[slot].extend(token_ids)
+        block = self.blocks[group][slot]
+        block.length += len(token_ids)
+        block.token_ids.extend(token_ids)
+
+    def write_block(
+        self, group: int, slot: int, token_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Append tokens whose K/V (all layers, [layers, kv_heads, n, head_dim], keys at the block's local
+        positions) were computed elsewhere."""
+        start = self.reserve(group, slot, len(token_ids))
+        pages, offsets = self.blocks[group][slot].locations(start, len(token_ids))
+        device = self.pool.k.device
+        self.pool.write(None, torch.tensor(pages, device=device), torch.tensor(offsets, device=device), k, v)
+        self.commit(group, slot, token_ids)
 
     def move_to_shared(self, slot: int) -> None:
-        """Append a finished step block to the shared block (one re-rotation), then empty its slot."""
-        steps, shared = self.groups[STEPS], self.groups[SHARED]
-        length, start = steps.lengths[slot], shared.lengths[0]
-        if length == 0:
+        """Append a finished step block to the shared block (one re-rotation), then empty the step block."""
+        step = self.blocks[STEPS][slot]
+        if step.length == 0:
             return
-        shared.ensure_capacity(start + length)
-        cos, sin = self.rotations.cos_sin(torch.tensor(start, device=steps.k.device), torch.float32)
-        block_k = steps.k[:, slot, :, :length].float()  # [layers, kv_heads, length, head_dim]
-        shared.k[:, 0, :, start : start + length] = self.rotations.rotate(block_k, cos, sin).to(
-            shared.k.dtype
-        )
-        shared.v[:, 0, :, start : start + length] = steps.v[:, slot, :, :length]
-        shared.lengths[0] += length
-        shared.token_ids[0].extend(steps.token_ids[slot])
-        steps.lengths[slot] = 0
-        steps.token_ids[slot] = []
+        k, v = self.pool.read(None, step.pages, step.length)  # [layers, kv_heads, length, head_dim]
+        start = self.shared_length
+        cos, sin = self.rotations.cos_sin(torch.tensor(start, device=k.device), torch.float32)
+        k = self.rotations.rotate(k.float(), cos, sin)
+        self.write_block(SHARED, 0, step.token_ids, k, v)
+        self.pool.release(step.pages)
+        self.blocks[STEPS][slot] = Block()
+
+    def release(self) -> None:
+        """Give every page back to the pool; the cache is empty afterwards."""
+        pages = [p for blocks in self.blocks for b in blocks for p in b.pages]
+        for blocks in self.blocks:
+            for i in range(len(blocks)):
+                blocks[i] = Block()
+        if pages:
+            self.pool.release(pages)

@@ -20,3 +20,11 @@ class ContextLengthError(HogwildError, ValueError):
 class LogitsProcessorError(HogwildError, RuntimeError):
     """A logits processor raised or returned unusable scores. Nothing was chosen in that step; the run
     stays consistent and the next `step()` tries the choice again."""
+
+
+class CacheCapacityError(HogwildError, RuntimeError):
+    """A run needs more KV-cache memory than the engine's cache cap allows."""
+
+
+class RunCancelledError(HogwildError, RuntimeError):
+    """The run was cancelled before it produced a result."""

@@ -1,45 +1,41 @@
-"""One forward pass, planned: which tokens each batch row feeds, where they go, and what each row sees.
+"""One forward pass, planned: the rows of one run or of many, packed into one token sequence.
 
-Each row of the batch is one writer (a worker, or the prompt/header/injected text). A row's view is an
-ordered list of segments (blocks at view offsets); the last segment is the block the row writes into.
-The plan turns that into the tensors the attention needs, once per forward and shared by all layers.
-It is built from plain Python lists and turned into a handful of tensors, so its cost does not grow
-with the context length.
+Each row is one writer (a worker, or a run's prompt/header/injected text): tokens written at the end of
+the last block of its view. The rows of every run in the forward are packed into one sequence
+`[1, tokens]` (no padding), so a prompt chunk of one run and the single decode tokens of others go
+through the model's weights together. The plan turns the rows into the tensors the attention needs,
+once per forward and shared by all layers; it is built from plain Python lists, so its cost does not
+grow with the context length.
 
-The fast attention scores the keys of every used group side by side on one *key axis*: the SHARED
-block's first `used` keys, then for each slot group `slots x used` keys (slot-major). The plan's
-`bias` masks that axis per (row, query): 0 where the key is in the row's view (and causally before
-the query), a large negative number elsewhere.
+For the batched attention (`attention.fast_attention`), rows are grouped into *batches*: every run whose
+rows each feed one token shares one batch; a run feeding several tokens in a row gets a batch of its
+own. In a batch the keys of each block group sit side by side on one key axis: per run, the blocks of
+the group its rows see, each padded to the same number of pages. The batch's `bias` masks that axis per
+(run, row, query): 0 where the key is in the row's view (and causally before the query), a large
+negative number elsewhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 
-from hogwild_agents.cache import SHARED, SharedKVCache
+from hogwild_agents.cache import GROUPS, PAGE_SIZE, SHARED, KVPool, RunCache, pages_for
+from hogwild_agents.views import Segment
 
 MASKED = torch.finfo(torch.float32).min
 
 
 @dataclass(frozen=True)
-class Segment:
-    """A block in a row's view: `visible` tokens of block (group, slot), placed at view `offset`."""
-
-    group: int
-    slot: int
-    offset: int
-    visible: int
-
-
-@dataclass(frozen=True)
 class RowPlan:
-    """A row of one forward: tokens written at the end of the view's last segment."""
+    """A row of one forward: tokens written at the end of the view's last segment, in `cache`'s blocks."""
 
     token_ids: tuple[int, ...]
     segments: tuple[Segment, ...]
+    cache: RunCache
 
     @property
     def target(self) -> Segment:
@@ -56,121 +52,188 @@ class RowPlan:
 
 
 @dataclass
-class GroupPlan:
-    """One block group's part of the key axis."""
+class GroupKeys:
+    """One block group's part of a batch's key axis: `blocks` blocks per run, each `pages` pages wide."""
 
     group: int
-    slots: int  # slots scored (SHARED: 1)
-    used: int  # keys scored per slot (longest visible run after this forward's writes)
-    cos: torch.Tensor | None  # [slots, 1, rows, 1, 1, rot] query rotation by -offset (None: SHARED)
+    blocks: int
+    pages: int
+    page_table: torch.Tensor  # [runs, blocks, pages] pool page of each key page
+    cos: torch.Tensor | None  # [runs, blocks, rows, rot]: query rotation by -offset (None: SHARED)
     sin: torch.Tensor | None
+    first_page: int | None = None  # set when the table is one run of consecutive pages (read in place)
+
+    @property
+    def used(self) -> int:
+        return self.pages * PAGE_SIZE
 
     @property
     def width(self) -> int:
-        return self.slots * self.used
+        return self.blocks * self.used
+
+
+@dataclass
+class AttentionBatch:
+    """Runs attended together: `runs` x `rows` x `q_len` query slots (left-padded rows)."""
+
+    rows_of_runs: list[list[int]]  # forward row indices of each run
+    runs: int
+    rows: int
+    q_len: int
+    query_index: torch.Tensor  # [runs * rows * q_len] packed token of each query slot (0 for padding)
+    valid: torch.Tensor  # [runs * rows * q_len] bool: the slot holds a real token
+    tokens: torch.Tensor  # [valid slots] packed token of each valid slot, in slot order
+    groups: list[GroupKeys]
+    bias: torch.Tensor  # [runs, rows, q_len, keys]
 
 
 class ForwardPlan:
-    """Tensors for one forward pass over the shared cache (left-padded rows)."""
+    """Tensors for one forward pass over a KV pool."""
 
-    def __init__(self, rows: list[RowPlan], cache: SharedKVCache, dtype: torch.dtype) -> None:
+    def __init__(self, rows: list[RowPlan], pool: KVPool) -> None:
         if not rows or any(not r.token_ids for r in rows):
             raise ValueError("every row of a forward must feed at least one token")
         self.rows = rows
-        self.cache = cache
+        self.pool = pool
+        self.rotations = pool.rotations
         self.derived: dict[str, Any] = {}  # tables an attention builds on the first layer, reused by the rest
-        device = cache.shape.device
-        lengths = [len(r.token_ids) for r in rows]
-        self.q_len = q_len = max(lengths)
-        self.pads = [q_len - n for n in lengths]
+        device = pool.shape.device
+        self.device = device
+        self.row_starts = [0]
+        for row in rows:
+            self.row_starts.append(self.row_starts[-1] + len(row.token_ids))
+        self.n_tokens = self.row_starts[-1]
 
-        input_ids, position_ids = [], []
-        for row, pad in zip(rows, self.pads, strict=True):
-            first = row.first_position
-            input_ids.append([0] * pad + list(row.token_ids))
-            position_ids.append([0] * pad + list(range(first, first + len(row.token_ids))))
-        self.input_ids = torch.tensor(input_ids, dtype=torch.long, device=device)  # [rows, q_len]
-        self.position_ids = torch.tensor(position_ids, dtype=torch.long, device=device)  # [rows, q_len]
-
+        input_ids, positions, pages, offsets, unrotate = [], [], [], [], []
+        for row in rows:
+            n, first = len(row.token_ids), row.first_position
+            input_ids.extend(row.token_ids)
+            positions.extend(range(first, first + n))
+            block = row.cache.block(row.target.group, row.target.slot)
+            row_pages, row_offsets = block.locations(row.target.visible, n)
+            pages.extend(row_pages)
+            offsets.extend(row_offsets)
+            unrotate.extend([-row.target.offset] * n)
+        self.input_ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # [1, tokens]
+        self.position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, tokens]
+        self.last_index = torch.tensor([s - 1 for s in self.row_starts[1:]], device=device)  # [rows]
+        self.write_pages = torch.tensor(pages, dtype=torch.long, device=device)  # [tokens]
+        self.write_offsets = torch.tensor(offsets, dtype=torch.long, device=device)  # [tokens]
         # new keys arrive rotated at view positions; blocks store them at local positions
-        target_offsets = [r.target.offset for r in rows]
-        self.unrotate_cos: torch.Tensor | None = None  # [rows, 1, 1, rot]; None: every offset is 0
+        self.unrotate_cos: torch.Tensor | None = None  # [tokens, rot]; None: every offset is 0
         self.unrotate_sin: torch.Tensor | None = None
-        if any(target_offsets):
-            offsets = torch.tensor([-o for o in target_offsets], device=device)
-            cos, sin = cache.rotations.cos_sin(offsets, torch.float32)
-            self.unrotate_cos, self.unrotate_sin = cos[:, None, None], sin[:, None, None]
-        self.writes = self._write_indices(device)
-        self.groups, self.bias = self._key_axis(device)
+        if any(unrotate):
+            cos, sin = self.rotations.cos_sin(torch.tensor(unrotate, device=device), torch.float32)
+            self.unrotate_cos, self.unrotate_sin = cos, sin
 
-    def _write_indices(self, device: torch.device) -> dict[int, tuple[torch.Tensor | None, ...]]:
-        """Per target group: (row, column, slot, position) index tensors of every new token. Row and
-        column are None when every row feeds one token into that group (the new K/V need no gather)."""
-        by_group: dict[int, list[list[int]]] = {}
-        for n, (row, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
-            t = row.target
-            columns = by_group.setdefault(t.group, [[], [], [], []])
-            k = len(row.token_ids)
-            columns[0].extend([n] * k)
-            columns[1].extend(range(pad, pad + k))
-            columns[2].extend([t.slot] * k)
-            columns[3].extend(range(t.visible, t.visible + k))
-        writes: dict[int, tuple[torch.Tensor | None, ...]] = {
-            g: tuple(torch.tensor(col, device=device) for col in columns) for g, columns in by_group.items()
-        }
-        if self.q_len == 1 and len(writes) == 1:
-            ((g, (_, _, slots, positions)),) = writes.items()
-            writes[g] = (None, None, slots, positions)
-        return writes
+    @property
+    def view_lengths(self) -> list[int]:
+        return [row.view_length for row in self.rows]
 
-    def _key_axis(self, device: torch.device) -> tuple[list[GroupPlan], torch.Tensor | None]:
-        """The used groups in key-axis order and the additive mask bias [rows, 1, q_len, keys] (None when
-        every query sees every scored key)."""
-        rows, q_len, n_groups = len(self.rows), self.q_len, len(self.cache.groups)
-        # per group: row -> {slot: segment}
-        seen: list[list[dict[int, Segment]]] = [[{} for _ in range(rows)] for _ in range(n_groups)]
-        used = [0] * n_groups
+    def row_tokens(self, row: int) -> range:
+        """Packed token indices of row `row`."""
+        return range(self.row_starts[row], self.row_starts[row + 1])
+
+    @cached_property
+    def batches(self) -> list[AttentionBatch]:
+        """The rows grouped for batched attention (see the module docstring)."""
+        by_run: dict[int, list[int]] = {}
         for n, row in enumerate(self.rows):
-            new = len(row.token_ids)
-            for seg in row.segments:
-                seen[seg.group][n][seg.slot] = seg
-                used[seg.group] = max(used[seg.group], seg.visible + (new if seg is row.target else 0))
+            by_run.setdefault(id(row.cache), []).append(n)
+        decode = [rows for rows in by_run.values() if all(len(self.rows[n].token_ids) == 1 for n in rows)]
+        others = [rows for rows in by_run.values() if rows not in decode]
+        return [self._batch(group) for group in ([decode] if decode else []) + [[rows] for rows in others]]
 
-        groups: list[GroupPlan] = []
-        blocks: list[tuple[int, int]] = []  # key-axis blocks as (group, slot), each `used` keys wide
-        for g in range(n_groups):
-            if used[g] == 0:
-                continue
-            slots = 1 if g == SHARED else self.cache.groups[g].n_slots
-            blocks.extend((g, s) for s in range(slots))
-            if g == SHARED:
-                groups.append(GroupPlan(g, 1, used[g], None, None))
-                continue
-            offsets = [
-                [seen[g][n][s].offset if s in seen[g][n] else 0 for s in range(slots)] for n in range(rows)
-            ]
-            cos, sin = self.cache.rotations.cos_sin(-torch.tensor(offsets, device=device), torch.float32)
-            # [rows, slots, rot] -> [slots, 1, rows, 1, 1, rot]
-            cos, sin = (t.permute(1, 0, 2)[:, None, :, None, None].contiguous() for t in (cos, sin))
-            groups.append(GroupPlan(g, slots, used[g], cos, sin))
+    def _batch(self, runs: list[list[int]]) -> AttentionBatch:
+        k = len(runs)
+        rows = max(len(r) for r in runs)
+        q_len = max(len(self.rows[n].token_ids) for r in runs for n in r)
+        query_index = [0] * (k * rows * q_len)
+        valid = [False] * (k * rows * q_len)
+        tokens = []
+        pads = [[q_len] * rows for _ in range(k)]
+        for b, run_rows in enumerate(runs):
+            for r, n in enumerate(run_rows):
+                span = self.row_tokens(n)
+                pads[b][r] = q_len - len(span)
+                for t, token in enumerate(span):
+                    slot = (b * rows + r) * q_len + pads[b][r] + t
+                    query_index[slot], valid[slot] = token, True
+        for slot, ok in enumerate(valid):
+            if ok:
+                tokens.append(query_index[slot])
 
-        # limits[n][i][b]: keys of block b visible to query i of row n
-        block_used = [used[g] for g, _ in blocks]
-        limits: list[list[list[int]]] = []
-        for n, (row, pad) in enumerate(zip(self.rows, self.pads, strict=True)):
-            base = [seg.visible if (seg := seen[g][n].get(s)) is not None else 0 for g, s in blocks]
-            t = blocks.index((row.target.group, row.target.slot))
-            per_query = []
-            for i in range(q_len):
-                limit = list(base)
-                limit[t] += max(0, i - pad + 1)
-                per_query.append(limit)
-            limits.append(per_query)
-        if all(limit == block_used for per_query in limits for limit in per_query):
-            return groups, None
-        widths = torch.tensor(block_used)
-        local = torch.cat([torch.arange(w) for w in widths.tolist()])  # [keys] index inside its block
-        block_of = torch.repeat_interleave(torch.arange(len(blocks)), widths)  # [keys]
-        visible = local < torch.tensor(limits)[..., block_of]  # [rows, q_len, keys]
+        # per group: the blocks each run's rows see, in slot order
+        groups: list[GroupKeys] = []
+        limits_base: list[list[list[int]]] = [[[] for _ in range(rows)] for _ in range(k)]  # [b][r][block]
+        target_block = [[-1] * rows for _ in range(k)]
+        for g in GROUPS:
+            slots = [sorted({s.slot for n in r for s in self.rows[n].segments if s.group == g}) for r in runs]
+            n_blocks = max(len(s) for s in slots)
+            if n_blocks == 0:
+                continue
+            first_block = len(limits_base[0][0])
+            needed = [[0] * n_blocks for _ in range(k)]
+            offsets = [[[0] * rows for _ in range(n_blocks)] for _ in range(k)]
+            for b, run_rows in enumerate(runs):
+                for r in range(rows):
+                    limits_base[b][r].extend([0] * n_blocks)
+                for r, n in enumerate(run_rows):
+                    row = self.rows[n]
+                    for seg in row.segments:
+                        if seg.group != g:
+                            continue
+                        j = slots[b].index(seg.slot)
+                        new = len(row.token_ids) if seg is row.target else 0
+                        needed[b][j] = max(needed[b][j], seg.visible + new)
+                        offsets[b][j][r] = seg.offset
+                        limits_base[b][r][first_block + j] = seg.visible
+                        if seg is row.target:
+                            target_block[b][r] = first_block + j
+            n_pages = max(1, max(pages_for(x) for per_run in needed for x in per_run))
+            table = []
+            for b in range(k):
+                run_cache = self.rows[runs[b][0]].cache
+                per_block = []
+                for j in range(n_blocks):
+                    pages = []
+                    if j < len(slots[b]):
+                        pages = run_cache.block(g, slots[b][j]).pages[: pages_for(needed[b][j])]
+                    per_block.append(pages + [0] * (n_pages - len(pages)))
+                table.append(per_block)
+            cos = sin = None
+            if g != SHARED:
+                deltas = -torch.tensor(offsets, device=self.device)  # [k, blocks, rows]
+                cos, sin = self.rotations.cos_sin(deltas, torch.float32)
+            flat = [page for per_run in table for per_block in per_run for page in per_block]
+            consecutive = flat == list(range(flat[0], flat[0] + len(flat)))
+            page_table = torch.tensor(table, dtype=torch.long, device=self.device)
+            groups.append(
+                GroupKeys(g, n_blocks, n_pages, page_table, cos, sin, flat[0] if consecutive else None)
+            )
+
+        # limits[b, r, t, block]: keys of `block` visible to query t of row r of run b
+        base = torch.tensor(limits_base, dtype=torch.long)  # [k, rows, blocks]
+        n_blocks_total = base.shape[-1]
+        pad = torch.tensor(pads, dtype=torch.long)  # [k, rows]
+        grow = (torch.arange(q_len)[None, None] - pad[..., None] + 1).clamp_min(0)  # [k, rows, q_len]
+        target = torch.tensor(target_block, dtype=torch.long)
+        onehot = torch.zeros(k, rows, n_blocks_total + 1, dtype=torch.long)
+        onehot.scatter_(2, torch.where(target < 0, n_blocks_total, target)[..., None], 1)
+        limits = base[:, :, None] + grow[..., None] * onehot[:, :, None, :n_blocks_total]
+        widths = [gk.used for gk in groups for _ in range(gk.blocks)]
+        local = torch.cat([torch.arange(w) for w in widths])  # [keys] index inside its block
+        block_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        visible = local < limits[..., block_of]  # [k, rows, q_len, keys]
         bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, MASKED)
-        return groups, bias[:, None].to(device)
+        return AttentionBatch(
+            rows_of_runs=runs,
+            runs=k,
+            rows=rows,
+            q_len=q_len,
+            query_index=torch.tensor(query_index, dtype=torch.long, device=self.device),
+            valid=torch.tensor(valid, device=self.device),
+            tokens=torch.tensor(tokens, dtype=torch.long, device=self.device),
+            groups=groups,
+            bias=bias.to(self.device),
+        )

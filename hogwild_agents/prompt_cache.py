@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hogwild_agents.cache import SHARED, SharedKVCache
+from hogwild_agents.cache import SHARED, RunCache, pages_for
 
 
 class PromptCache:
@@ -29,26 +29,29 @@ class PromptCache:
                 n += 1
             return n
 
-    def copy_into(self, cache: SharedKVCache, ids: Sequence[int]) -> None:
-        """Write the stored K/V of `ids` (a prefix of the stored prompt) at the start of the shared block."""
+    def reuse(self, prompt: Sequence[int], cache: RunCache) -> int:
+        """Write the stored K/V of the longest common prefix into `cache`'s (empty) shared block and
+        return its length. The last prompt token is always left to encode (its logits start the run)."""
         with self._lock:
-            n = len(ids)
-            if list(ids) != self._ids[:n] or self._k is None:
-                raise ValueError("ids are not a prefix of the stored prompt")
-            cache.reserve(SHARED, 0, n)
-            shared = cache.groups[SHARED]
-            shared.k[:, 0, :, :n] = self._k[:, :, :n].to(shared.k)
-            shared.v[:, 0, :, :n] = self._v[:, :, :n].to(shared.v)
-        cache.commit(SHARED, 0, list(ids))
+            n = 0
+            for a, b in zip(self._ids[: len(prompt) - 1], prompt[: len(prompt) - 1], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n == 0 or self._k is None:
+                return 0
+            k, v = self._k[:, :, :n], self._v[:, :, :n]
+        cache.write_block(SHARED, 0, list(prompt[:n]), k, v)
+        return n
 
-    def store(self, prompt: Sequence[int], cache: SharedKVCache) -> None:
+    def store(self, prompt: Sequence[int], cache: RunCache) -> None:
         """Keep a copy of the prompt's K/V (the first len(prompt) tokens of the shared block)."""
         n = len(prompt)
-        shared = cache.groups[SHARED]
+        block = cache.block(SHARED)
+        k, v = cache.pool.read(None, block.pages[: pages_for(n)], n)
         with self._lock:
             self._ids = list(prompt)
-            self._k = shared.k[:, 0, :, :n].clone()
-            self._v = shared.v[:, 0, :, :n].clone()
+            self._k, self._v = k.clone(), v.clone()
 
     def clear(self) -> None:
         with self._lock:

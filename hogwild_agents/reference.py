@@ -23,7 +23,7 @@ def view_kv_logits(run: HogwildRun, worker: int) -> torch.Tensor:
     state = run.workers[worker]
     if not state.pending:
         raise ValueError(f"worker {worker} has no pending tokens; it feeds nothing at the next step")
-    segments = run._segments(worker)
+    segments = run.view(worker)
     cache = DynamicCache(config=run.engine.model.config)
     for layer in range(run.engine.n_layers):
         keys, values = [], []

@@ -1,12 +1,17 @@
-"""What a run reports: per-step records and the final result."""
+"""What a run reports: per-step records, live events and the final result."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-# "stop": EOS, a stop string or a final answer; "length": a token budget or the context; "timeout"
+if TYPE_CHECKING:
+    from hogwild_agents.hooks import ToolCall
+
+# "stop": EOS, a stop string or a final answer; "length": a token budget or the context; "timeout";
+# "cancelled": the caller stopped the run
 FinishReason = str
 
 
@@ -81,3 +86,40 @@ class HogwildResult:
     steps: int
     finish_reason: FinishReason
     trace: list[TraceEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Text a worker chose in a step (sampled, forced, a header or an interjection)."""
+
+    worker: int
+    name: str
+    text: str
+    source: str
+    step: int
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    """A worker completed an in-engine tool call; it runs while the others keep writing."""
+
+    call: ToolCall
+    step: int
+
+
+@dataclass(frozen=True)
+class ToolResultEvent:
+    """An in-engine tool call returned; its result is now a shared block every worker sees."""
+
+    call: ToolCall
+    step: int
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A lockstep step finished."""
+
+    record: StepRecord
+
+
+RunEvent = TokenEvent | ToolCallEvent | ToolResultEvent | StepEvent

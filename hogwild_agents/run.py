@@ -1,60 +1,111 @@
-"""The lockstep generation loop: N workers, one forward pass per step, one shared cache.
+"""The lockstep generation loop of one run: N workers, one forward pass per step, one shared cache.
 
 Tokens a worker chooses at step t are fed (written into its block) at step t+1; in that forward every
-worker's row carries only its own new tokens, so no prefix is ever re-encoded. Layouts (paper, app. A):
+worker's row carries only its own new tokens, so no prefix is ever re-encoded. Layouts (paper, app. A)
+are described in `hogwild_agents.views`.
 
-- ``contiguous``: [prompt + injected, other workers' blocks..., own block]; each worker writes one block.
-- ``interleaved``: [prompt + history, own header, own current step]; finished steps join the history
-  in completion order; others' in-progress steps are not visible.
-- ``combined`` (default): [prompt + history, others header, others' current steps..., own header,
-  own current step].
+A run is written as *programs*: generators that yield the rows they need fed (a list of `RowPlan`s,
+or `Idle` while every worker waits for a tool) and receive the logits of those rows. A driver does the
+forwards: `HogwildRun.step()` drives one step alone (the stepped API for experiments), and the engine's
+scheduler drives whole runs, putting the rows of every active run into one forward. Because the run
+decides what it feeds and samples with its own generator, its tokens do not depend on which runs share
+its forwards.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
 from hogwild_agents.attention import implementation
-from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
+from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVPool, RunCache, pages_for
 from hogwild_agents.errors import ContextLengthError
 from hogwild_agents.hooks import Hooks, ToolCall, ToolRunner
-from hogwild_agents.logits_processing import LogitsProcessorsArg, apply_processors, per_worker_processors
-from hogwild_agents.plan import ForwardPlan, RowPlan, Segment
-from hogwild_agents.results import HogwildResult, StepRecord, TraceEvent, Usage, WorkerResult
+from hogwild_agents.logits_processing import (
+    LogitsProcessorFn,
+    LogitsProcessorsArg,
+    apply_processors,
+    per_worker_processors,
+)
+from hogwild_agents.plan import ForwardPlan, RowPlan
+from hogwild_agents.results import (
+    HogwildResult,
+    RunEvent,
+    StepEvent,
+    StepRecord,
+    TokenEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    TraceEvent,
+    Usage,
+    WorkerResult,
+)
 from hogwild_agents.sampling import SamplingParams, choose_tokens
 from hogwild_agents.script import RunScript
-from hogwild_agents.tool_calls import CLOSE, find_tool_call
+from hogwild_agents.tool_calls import CLOSE, find_tool_calls
+from hogwild_agents.views import LAYOUTS, Segment, n_header_slots, view_length, worker_view
 
 if TYPE_CHECKING:
     from hogwild_agents.engine import HogwildEngine
 
 PARAGRAPH_BREAK = "\n\n"  # what ends a step written by a tool call
-LAYOUTS = ("contiguous", "interleaved", "combined")
-PREFILL_CHUNK = 512  # prompt tokens per forward while prefilling
+WRITE_CHUNK = 256  # tokens per forward of any multi-token write: prompt, injected, forced or tool text
 DECODE_CONTEXT = 8  # tokens of left context when decoding a stream's newest text
+FINISHER_TOKENS = 32  # tokens the finisher's answer may take
 
 
 @dataclass(frozen=True)
 class RunLimits:
-    """Token budgets of a run. `max_total_tokens` counts sampled tokens over all workers."""
+    """Token budgets of a run. `max_total_tokens` counts sampled tokens over all workers;
+    `max_positions` caps every worker's view below the model's own context (None: the model's)."""
 
     max_new_tokens: int = 256
     max_total_tokens: int | None = None
     stop: tuple[str, ...] = ()
     timeout_s: float | None = None  # wall-clock limit of the run; workers then finish with "timeout"
+    max_positions: int | None = None
 
     def __post_init__(self) -> None:
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
+        if self.timeout_s is not None and not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.max_total_tokens is not None and self.max_total_tokens <= 0:
             raise ValueError(f"max_total_tokens must be > 0, got {self.max_total_tokens}")
+        if self.max_positions is not None and self.max_positions <= 1:
+            raise ValueError(f"max_positions (max_context) must be > 1, got {self.max_positions}")
+
+
+@dataclass(frozen=True)
+class Idle:
+    """A program's request meaning: nothing to feed now, every worker waits for these tool calls."""
+
+    futures: tuple[Future, ...]
+    deadline: float  # time.monotonic() by which the earliest call times out
+
+
+Request = list[RowPlan] | Idle
+T = TypeVar("T")
+RunProgram = Generator[Request, Any, T]
+
+
+class RunController(Protocol):
+    """Per-run logic a driver runs between steps (in the thread that drives the run)."""
+
+    def start(self, run: HogwildRun) -> None:
+        """Called once the prompt is encoded, before the first step."""
+
+    def after_step(self, run: HogwildRun, record: StepRecord) -> bool:
+        """Called after every step; True stops the run at once (the caller has what it needs)."""
+
+    def finish(self, run: HogwildRun, stopped: bool) -> None:
+        """Called after the last step (the finisher included); `stopped`: after_step stopped it."""
 
 
 @dataclass
@@ -74,11 +125,14 @@ class WorkerState:
     forced: list[int] = field(default_factory=list)
     header_due: list[int] = field(default_factory=list)
     closing: bool = False
-    waiting: ToolCall | None = None  # a tool call of this worker still running
+    waiting: ToolCall | None = None  # the earliest of its tool calls still running
+    waiting_calls: list[ToolCall] = field(default_factory=list)  # its tool calls still running, in order
     scan_from: int = 0  # text offset from which to look for the worker's next tool call
     last_source: str = ""  # how its latest tokens were chosen
     finish_reason: str | None = None
     last_logits: torch.Tensor | None = None
+    answering: bool = False  # writing the finisher's answer: no step segmentation, greedy choices
+    answer_start: int = 0  # text offset where the finisher's answer begins
 
     @property
     def finished(self) -> bool:
@@ -98,7 +152,8 @@ class WorkerState:
 
 
 class HogwildRun:
-    """A run in progress. Create with `HogwildEngine.start`; drive with `step()` or `generate` it."""
+    """A run: create with `HogwildEngine.start` (stepped, private cache) or `HogwildEngine.submit`
+    (driven by the engine's scheduler)."""
 
     def __init__(
         self,
@@ -115,6 +170,7 @@ class HogwildRun:
         hooks: Hooks | None = None,
         record_views: bool = False,
         logits_processors: LogitsProcessorsArg = None,
+        pool: KVPool | None = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"Unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
@@ -126,17 +182,19 @@ class HogwildRun:
         self.hooks = hooks or Hooks()
         self.tool_calls: list[ToolCall] = []
         self.layout = layout
-        sampling = sampling or SamplingParams()
-        limits = limits or RunLimits()
-        self.sampling = sampling
-        self.limits = limits
+        self.sampling = sampling or SamplingParams()
+        self.limits = limits = limits or RunLimits()
         self.attention = attention
         self.record_views = record_views  # copy each fed worker's whole view into its StepRecord
-        self.generator = sampling.generator()
+        self.generator = self.sampling.generator()
         self.started = time.monotonic()
         self.steps_taken = 0
         self.forward_tokens = 0
+        self.reused_tokens = 0
+        self.setup_done = False
         self.trace: list[TraceEvent] = []  # every text a worker chose and every injected block, in order
+        self._listeners: list[Callable[[RunEvent], None]] = []
+        self.max_positions = min(engine.max_positions, limits.max_positions or engine.max_positions)
         n = len(script.worker_names)
         self.workers = [
             WorkerState(i, name, engine.decode, budget=limits.max_new_tokens)
@@ -150,62 +208,39 @@ class HogwildRun:
             raise ValueError("The prompt is empty; give at least one token of prompt text.")
         self.prompt_tokens = len(prompt)
         self.prompt_ids = prompt
-        if len(prompt) >= engine.max_positions:
-            raise ContextLengthError(
-                f"The prompt has {len(prompt)} tokens but the model's context is {engine.max_positions}; "
-                "shorten the prompt."
-            )
-        # header slots: 0 others' header, 1..n own headers, n+1..2n the separator before worker i's step
+        # header slots: see hogwild_agents.views
         separator = engine.encode(script.others_separator) if layout == "combined" else []
-        headers = [engine.encode(script.others_header)]
-        headers += [engine.encode(script.own_header(i)) for i in range(n)] + [separator] * n
-        reserve = len(prompt) + (limits.max_total_tokens or limits.max_new_tokens * n) + 64
-        self.cache = SharedKVCache(
-            KVShape(engine.n_layers, engine.kv_heads, engine.head_dim, engine.dtype, engine.device),
-            engine.rotations,
-            n_workers=n,
-            n_headers=2 * n + 1,
-            shared_capacity=min(reserve, engine.max_positions),
-            step_capacity=limits.max_new_tokens + 16 if layout == "contiguous" else 64,
-            header_capacity=max(len(h) for h in headers) or 1,
-        )
-        self._prefill(prompt, headers)
-        for worker in self.workers:
-            worker.pending = engine.encode(script.step_header(worker.index, 1))
-            worker.stream.extend(worker.pending)
-            worker.step_ids.extend(worker.pending)
-            if worker.pending:
-                self.trace.append(TraceEvent(0, worker.index, "header", worker.text))
+        self._headers = [engine.encode(script.others_header)]
+        self._headers += [engine.encode(script.own_header(i)) for i in range(n)] + [separator] * n
+        first_steps = [engine.encode(script.step_header(i, 1)) for i in range(n)]
+        needed = len(prompt) + max(len(self._headers[1 + i]) + len(first_steps[i]) for i in range(n)) + 1
+        if needed > self.max_positions:
+            raise ContextLengthError(
+                f"The prompt has {len(prompt)} tokens; with the protocol's headers a worker needs {needed} "
+                f"positions to write its first token, but the context is {self.max_positions}; shorten "
+                "the prompt (or raise max_context)."
+            )
+        self._first_steps = first_steps
+        self.pool = pool if pool is not None else engine.new_pool()
+        self.cache = RunCache(self.pool, n, n_header_slots(n))
+
+    # ---- events --------------------------------------------------------------------------------
+    def add_listener(self, listener: Callable[[RunEvent], None]) -> None:
+        """Call `listener(event)` for every event of the run (tokens, tool calls and results, steps)."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: RunEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    def set_logits_processors(self, worker: int, processors: Sequence[LogitsProcessorFn]) -> None:
+        """Replace the logits processors of one worker (from the next choice on)."""
+        self.logits_processors[worker] = list(processors)
 
     # ---- views ---------------------------------------------------------------------------------
-    def _segments(self, worker: int) -> list[Segment]:
+    def view(self, worker: int) -> list[Segment]:
         """The worker's view as cache blocks, in view order; its own step block last."""
-        cache = self.cache
-        segments = [Segment(SHARED, 0, 0, cache.shared_length)]
-        offset = cache.shared_length
-
-        def add(group: int, slot: int) -> None:
-            nonlocal offset
-            length = cache.length(group, slot)
-            if length or (group == STEPS and slot == worker):
-                segments.append(Segment(group, slot, offset, length))
-                offset += length
-
-        n = len(self.workers)
-        if self.layout == "combined":
-            add(HEADERS, 0)
-        if self.layout in ("combined", "contiguous"):
-            first = True
-            for other in range(n):
-                if other != worker and cache.length(STEPS, other):
-                    if not first:
-                        add(HEADERS, 1 + n + other)  # separator between two steps in progress
-                    add(STEPS, other)
-                    first = False
-        if self.layout in ("combined", "interleaved"):
-            add(HEADERS, 1 + worker)
-        add(STEPS, worker)
-        return segments
+        return worker_view(self.layout, worker, len(self.workers), self.cache.length)
 
     def _segment_ids(self, segments: Sequence[Segment]) -> list[int]:
         ids: list[int] = []
@@ -215,58 +250,86 @@ class HogwildRun:
 
     def view_token_ids(self, worker: int) -> list[int]:
         """The exact token ids the worker's next forward attends to, in view order (pending included)."""
-        return self._segment_ids(self._segments(worker)) + self.workers[worker].pending
+        return self._segment_ids(self.view(worker)) + self.workers[worker].pending
 
     def view_length(self, worker: int) -> int:
-        return sum(s.visible for s in self._segments(worker)) + len(self.workers[worker].pending)
+        return view_length(self.view(worker)) + len(self.workers[worker].pending)
 
-    # ---- forward passes ------------------------------------------------------------------------
-    def _forward(self, rows: list[RowPlan]) -> torch.Tensor:
-        """Run one forward over `rows` (capacity already reserved); store K/V; return last logits."""
-        plan = ForwardPlan(rows, self.cache, self.engine.dtype)
-        logits = self.engine.forward(plan, self.attend)
-        for row in rows:
-            self.cache.commit(row.target.group, row.target.slot, list(row.token_ids))
-        self.forward_tokens += sum(len(r.token_ids) for r in rows)
-        return logits
+    @property
+    def reservation_pages(self) -> int:
+        """Cache pages this run is expected to need at most (for a scheduler's admission control)."""
+        n = len(self.workers)
+        per_worker = min(self.limits.max_new_tokens, self.max_positions)
+        sampled = per_worker * n
+        if self.limits.max_total_tokens is not None:
+            sampled = min(sampled, self.limits.max_total_tokens)
+        written = self.prompt_tokens + sum(map(len, self._headers)) + sampled * 5 // 4 + 64 * n
+        tokens = min(written, self.max_positions * (n + 1))
+        return pages_for(tokens) + 1 + n_header_slots(n) + n
 
-    def _prefill(self, prompt: list[int], headers: list[list[int]]) -> None:
-        self.reused_tokens = self._reuse_prefix(prompt)
-        for start in range(self.reused_tokens, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start : start + PREFILL_CHUNK]
-            self.cache.reserve(SHARED, 0, len(chunk))
-            logits = self._forward(
-                [RowPlan(tuple(chunk), (Segment(SHARED, 0, 0, self.cache.shared_length),))]
-            )
-        for worker in self.workers:
-            worker.last_logits = logits[0]
-        self.engine.prompt_cache.store(prompt, self.cache)
-        shared = Segment(SHARED, 0, 0, self.cache.shared_length)
-        rows = [
-            RowPlan(tuple(ids), (shared, Segment(HEADERS, slot, shared.visible, 0)))
-            for slot, ids in enumerate(headers)
-            if ids
-        ]
-        if rows:
-            self._forward(rows)
+    # ---- driving alone ---------------------------------------------------------------------------
+    def _drive(self, program: RunProgram[T], *, wait: bool = True) -> T | None:
+        """Run `program` to its end with forwards of this run alone (or, with `wait` False, until it
+        would wait for a tool)."""
+        value: Any = None
+        while True:
+            try:
+                request = program.send(value)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(request, Idle):
+                if not wait:
+                    program.close()
+                    return None
+                wait_for_first(request)
+                value = None
+            else:
+                value = self.engine.forward(ForwardPlan(request, self.pool), self.attend)
 
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """Copy the K/V of the longest prompt prefix the engine's previous run encoded; return its length.
+    def setup(self) -> None:
+        """Encode the prompt and the headers (alone); `HogwildEngine.start` calls it."""
+        if not self.setup_done:
+            self._drive(self._setup())
 
-        At least the last prompt token is always encoded again, for the logits of the first step."""
-        reused = self.engine.prompt_cache.common_prefix(prompt, limit=len(prompt) - 1)
-        if reused:
-            self.engine.prompt_cache.copy_into(self.cache, prompt[:reused])
-        return reused
+    def step(self) -> StepRecord:
+        """Feed every worker's pending tokens in one forward, then let each unfinished worker choose."""
+        self.setup()
+        if self.done:
+            raise RuntimeError("The run has finished; start a new run.")
+        return self._drive(self._step())
+
+    def conclude(self, worker: int = 0, max_tokens: int = FINISHER_TOKENS) -> bool:
+        """Finish a run that ended without an answer: force the script's finisher into `worker`'s stream
+        and let it write the answer (greedily, no step headers) until the answer is complete, a
+        paragraph break, or `max_tokens`. Returns True if it ran.
+
+        Drives any unfinished work to the end first. Does nothing when the script has no finisher or a
+        worker's text already holds an answer."""
+        self.setup()
+        return self._drive(self._conclude(worker, max_tokens))
+
+    def poll_tools(self) -> None:
+        """Write the results of tool calls that have returned as shared blocks now, without waiting
+        (`step()` does this first)."""
+        self.setup()
+        self._drive(self._poll_tools(), wait=False)
 
     def inject(self, text_or_ids: str | Sequence[int], kind: str = "inject") -> None:
-        """Append a block to the shared history; every worker's view contains it from the next step."""
-        ids = self.engine.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
-        if not ids:
-            return
-        self.cache.reserve(SHARED, 0, len(ids))
-        self._forward([RowPlan(tuple(ids), (Segment(SHARED, 0, 0, self.cache.shared_length),))])
-        self.trace.append(TraceEvent(self.steps_taken, None, kind, self.engine.decode(ids)))
+        """Append a block to the shared history now; every worker's view contains it from the next step.
+        Text is encoded as untrusted (marker-like text does not become control tokens)."""
+        self.setup()
+        ids = self._encode_text(text_or_ids)
+        if self.shared_room() < len(ids):
+            raise ContextLengthError(
+                f"The injected block has {len(ids)} tokens but only {self.shared_room()} positions are "
+                f"left in the shared history (context {self.max_positions}); inject less."
+            )
+        self._drive(self._write_shared(ids, kind))
+
+    def _encode_text(self, text_or_ids: str | Sequence[int]) -> list[int]:
+        if isinstance(text_or_ids, str):
+            return self.engine.encode(text_or_ids, trusted=False)
+        return self.engine.check_token_ids(text_or_ids)
 
     def force(self, worker: int, token_ids: str | Sequence[int]) -> None:
         """Make `worker` choose these tokens at the next step instead of sampling."""
@@ -275,46 +338,137 @@ class HogwildRun:
             raise ValueError(
                 f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens."
             )
-        ids = self.engine.encode(token_ids) if isinstance(token_ids, str) else [int(t) for t in token_ids]
-        state.forced.extend(ids)
+        state.forced.extend(self._encode_text(token_ids))
 
-    # ---- the step ------------------------------------------------------------------------------
+    # ---- programs --------------------------------------------------------------------------------
+    def program(self, controller: RunController | None = None) -> RunProgram[HogwildResult]:
+        """The whole run: prompt, steps until done (or the controller stops it), the finisher, the result."""
+        if not self.setup_done:
+            yield from self._setup()
+        if controller is not None:
+            controller.start(self)
+        stopped = False
+        while not self.done:
+            record = yield from self._step()
+            if controller is not None and controller.after_step(self, record):
+                stopped = True
+                break
+        if not stopped:
+            yield from self._conclude()
+        if controller is not None:
+            controller.finish(self, stopped)
+        return self.result()
+
+    def _feed(self, rows: list[RowPlan]) -> RunProgram[torch.Tensor]:
+        """One forward over `rows` (pages already reserved); commit their tokens; return the logits."""
+        logits = yield rows
+        for row in rows:
+            self.cache.commit(row.target.group, row.target.slot, row.token_ids)
+        self.forward_tokens += sum(len(r.token_ids) for r in rows)
+        return logits
+
+    def _shared_row(self, ids: Sequence[int]) -> RowPlan:
+        self.cache.reserve(SHARED, 0, len(ids))
+        return RowPlan(tuple(ids), (Segment(SHARED, 0, 0, self.cache.shared_length),), self.cache)
+
+    def _write_shared(self, ids: Sequence[int], kind: str | None) -> RunProgram[torch.Tensor | None]:
+        """Append `ids` to the shared block, WRITE_CHUNK tokens per forward; return the last logits."""
+        logits = None
+        for start in range(0, len(ids), WRITE_CHUNK):
+            logits = yield from self._feed([self._shared_row(ids[start : start + WRITE_CHUNK])])
+        if kind is not None and ids:
+            text = self.engine.decode(ids)
+            self.trace.append(TraceEvent(self.steps_taken, None, kind, text))
+        return logits
+
+    def shared_room(self) -> int:
+        """Tokens the shared history can still take before some worker's view exceeds the context."""
+        longest_rest = max(self.view_length(w.index) for w in self.workers) - self.cache.shared_length
+        return max(0, self.max_positions - self.cache.shared_length - max(longest_rest, 1))
+
+    def _setup(self) -> RunProgram[None]:
+        prompt = self.prompt_ids
+        self.reused_tokens = self.engine.prompt_cache.reuse(prompt, self.cache)
+        logits = yield from self._write_shared(prompt[self.reused_tokens :], None)
+        for worker in self.workers:
+            worker.last_logits = logits[0]
+        self.engine.prompt_cache.store(prompt, self.cache)
+        shared = Segment(SHARED, 0, 0, self.cache.shared_length)
+        rows = []
+        for slot, ids in enumerate(self._headers):
+            if ids:
+                self.cache.reserve(HEADERS, slot, len(ids))
+                rows.append(
+                    RowPlan(tuple(ids), (shared, Segment(HEADERS, slot, shared.visible, 0)), self.cache)
+                )
+        if rows:
+            yield from self._feed(rows)
+        for worker, ids in zip(self.workers, self._first_steps, strict=True):
+            worker.pending = list(ids)
+            worker.stream.extend(ids)
+            worker.step_ids.extend(ids)
+            if ids:
+                self.trace.append(TraceEvent(0, worker.index, "header", worker.text))
+        self.setup_done = True
+
+    def _worker_row(self, worker: WorkerState, ids: Sequence[int]) -> RowPlan:
+        self.cache.reserve(STEPS, worker.index, len(ids))
+        return RowPlan(tuple(ids), tuple(self.view(worker.index)), self.cache)
+
+    def _fit_to_context(self, worker: WorkerState) -> None:
+        """Drop pending tokens that would take the worker's view past the context; it then finishes."""
+        room = self.max_positions - view_length(self.view(worker.index))
+        if len(worker.pending) > room:
+            worker.pending = worker.pending[: max(room, 0)]
+            if not worker.finished:
+                self._finish(worker, "length")
+                worker.waiting_calls, worker.waiting = [], None
+
     @property
     def done(self) -> bool:
         return all(w.finished and not w.pending for w in self.workers)
 
-    def step(self) -> StepRecord:
-        """Feed every worker's pending tokens in one forward, then let each unfinished worker choose."""
-        if self.done:
-            raise RuntimeError("The run has finished; start a new run.")
+    def _step(self) -> RunProgram[StepRecord]:
         record = StepRecord(index=self.steps_taken)
         if self.limits.timeout_s is not None and time.monotonic() - self.started > self.limits.timeout_s:
             for w in self.workers:
                 if not w.finished:
                     self._finish(w, "timeout")
-                    w.waiting = None
+                    w.waiting_calls, w.waiting = [], None
                     record.finished[w.index] = "timeout"
-        self.poll_tools()
+        yield from self._poll_tools()
+        for w in self.workers:
+            if w.pending:
+                self._fit_to_context(w)
         fed = [w for w in self.workers if w.pending]
+        # a long write (forced text) goes in chunks first; the last chunk joins the step's forward
+        while any(len(w.pending) > WRITE_CHUNK for w in fed):
+            long = [w for w in fed if len(w.pending) > WRITE_CHUNK]
+            yield from self._feed([self._worker_row(w, w.pending[:WRITE_CHUNK]) for w in long])
+            for w in long:
+                w.pending = w.pending[WRITE_CHUNK:]
+            record.forward_tokens += WRITE_CHUNK * len(long)
         if fed:
-            for w in fed:
-                self.cache.reserve(STEPS, w.index, len(w.pending))
-            rows = [RowPlan(tuple(w.pending), tuple(self._segments(w.index))) for w in fed]
+            rows = [self._worker_row(w, w.pending) for w in fed]
             for w, row in zip(fed, rows, strict=True):
                 record.view_lengths[w.index] = row.view_length
                 if self.record_views:
                     record.views[w.index] = self._segment_ids(row.segments) + w.pending
-            logits = self._forward(rows)
-            record.forward_tokens = sum(len(r.token_ids) for r in rows)
+            logits = yield from self._feed(rows)
+            record.forward_tokens += sum(len(r.token_ids) for r in rows)
             for i, w in enumerate(fed):
                 w.pending = []
                 w.last_logits = logits[i]
                 if w.closing:
                     self._close_step(w)
+        for w in self.workers:  # a finished worker that fed nothing still hands its step over
+            if w.closing and not w.pending and w.finished:
+                self._close_step(w)
         self._choose(record)
         self.steps_taken += 1
         if self.hooks.on_step is not None:
             self.hooks.on_step(record)
+        self._notify(StepEvent(record))
         return record
 
     def _close_step(self, worker: WorkerState) -> None:
@@ -334,16 +488,14 @@ class HogwildRun:
         running = [w.index for w in self.workers if not w.finished]
         active = [w for w in self.workers if not w.finished and w.waiting is None]
         to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
-        sampled = {}
-        if to_sample:
-            logits = torch.stack([self._processed_logits(w) for w in to_sample])
-            sampled = dict(
-                zip(
-                    (w.index for w in to_sample),
-                    choose_tokens(logits, self.sampling, self.generator),
-                    strict=True,
-                )
-            )
+        sampled: dict[int, int] = {}
+        greedy = [w for w in to_sample if w.answering]
+        free = [w for w in to_sample if not w.answering]
+        for group, params in ((free, self.sampling), (greedy, SamplingParams(temperature=0.0))):
+            if group:
+                logits = torch.stack([self._processed_logits(w) for w in group])
+                chosen = choose_tokens(logits, params, self.generator)
+                sampled.update(zip((w.index for w in group), chosen, strict=True))
         for w in active:
             if w.finished:  # ended in this step by another worker's final answer
                 continue
@@ -365,21 +517,25 @@ class HogwildRun:
             if w.stream[-len(ids) :] == ids:
                 text = self._emit(w, record, len(ids), source)
                 if self.tool_runner is not None and ">" in text and not w.finished:
-                    self._start_tool_call(w, record)
+                    self._start_tool_calls(w, record)
         budget = self.limits.max_total_tokens
         if budget is not None and not self.concluding and sum(w.generated for w in self.workers) >= budget:
             for w in self.workers:
                 if not w.finished:
                     self._finish(w, "length")
-        record.finished = {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
+        record.finished.update(
+            {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
+        )
 
     def _emit(self, worker: WorkerState, record: StepRecord, n_new: int, source: str) -> str:
-        """Report the text of the worker's newest `n_new` stream tokens: step record, trace, on_token."""
+        """Report the text of the worker's newest `n_new` stream tokens: step record, trace, events."""
         text = worker.text_delta(n_new)
         record.texts[worker.index] = record.texts.get(worker.index, "") + text
         self.trace.append(TraceEvent(record.index, worker.index, source, text))
         if self.hooks.on_token is not None:
             self.hooks.on_token(worker.index, text)
+        if text:
+            self._notify(TokenEvent(worker.index, worker.name, text, source, record.index))
         return text
 
     def _processed_logits(self, worker: WorkerState) -> torch.Tensor:
@@ -389,16 +545,17 @@ class HogwildRun:
             return worker.last_logits
         return apply_processors(processors, self.prompt_ids + worker.stream, worker.last_logits, worker.name)
 
-    def _start_tool_call(self, worker: WorkerState, record: StepRecord) -> None:
-        """If the worker just completed a tool call, start it and pause the worker until it returns.
+    # ---- in-engine tools -------------------------------------------------------------------------
+    def _start_tool_calls(self, worker: WorkerState, record: StepRecord) -> None:
+        """Start every tool call the worker just completed, in order, and pause it until they return.
 
-        The call ends the worker's step: a paragraph break is written after it (unless already there),
-        so the step joins the history like any other and the result follows as its own block."""
+        The calls end the worker's step: a paragraph break is written after them (unless already
+        there), so the step joins the history like any other and the results follow as blocks."""
         text = worker.text
         if CLOSE not in text[worker.scan_from :]:
             return
-        match = find_tool_call(text, worker.scan_from)
-        if match is None:
+        matches = find_tool_calls(text, worker.scan_from)
+        if not matches:
             return
         step = record.index
         if not text.endswith(PARAGRAPH_BREAK):
@@ -408,43 +565,62 @@ class HogwildRun:
             worker.step_ids.extend(ids)
             record.chosen[worker.index] = record.chosen[worker.index] + ids
             self._emit(worker, record, len(ids), "forced")
-        worker.scan_from = match.end
-        call = self.tool_runner.submit(match, worker.index, worker.name, step)
-        self.tool_calls.append(call)
-        worker.waiting = call
-        worker.closing = True  # the step holding the call joins the history before its result
-        label = f"{worker.name} called {match.name or '(malformed call)'}: {match.raw}"
-        self.trace.append(TraceEvent(step, None, "tool_call", label))
-        if self.hooks.on_tool_call is not None:
-            self.hooks.on_tool_call(call)
+        worker.scan_from = matches[-1].end
+        worker.forced = []  # text forced after the calls waits for their results no more
+        for match in matches:
+            call = self.tool_runner.submit(match, worker.index, worker.name, step)
+            self.tool_calls.append(call)
+            worker.waiting_calls.append(call)
+            label = f"{worker.name} called {match.name or '(malformed call)'}: {match.raw}"
+            self.trace.append(TraceEvent(step, None, "tool_call", label))
+            if self.hooks.on_tool_call is not None:
+                self.hooks.on_tool_call(call)
+            self._notify(ToolCallEvent(call, step))
+        worker.waiting = worker.waiting_calls[0]
+        worker.closing = True  # the step holding the calls joins the history before their results
 
-    def poll_tools(self) -> None:
-        """Inject every finished tool result as a shared block and resume its caller. When every
-        unfinished worker is waiting for a tool, wait for the earliest call."""
-        waiting = [w for w in self.workers if w.waiting is not None and not w.pending]  # call written
-        if not waiting:
-            return
-        blocked = all(w.finished or w.waiting is not None for w in self.workers) and not any(
-            w.pending for w in self.workers
-        )
-        for i, worker in enumerate(waiting):
-            call = worker.waiting
-            if not self.tool_runner.poll(call, wait=blocked and i == 0):
-                continue
-            block = (
-                self.script.tool_result.replace("{tool}", str(call.name))
-                .replace("{worker}", call.worker_name)
-                .replace("{result}", call.result)
+    def _poll_tools(self) -> RunProgram[None]:
+        """Write every finished tool result as a shared block, in call order, and resume callers whose
+        calls all returned. When every unfinished worker is waiting for a tool, wait (`Idle`)."""
+        while True:
+            waiting = [w for w in self.workers if w.waiting_calls and not w.pending]  # calls written
+            if not waiting:
+                return
+            settled = False
+            for worker in waiting:
+                while worker.waiting_calls and self.tool_runner.poll(worker.waiting_calls[0]):
+                    call = worker.waiting_calls.pop(0)
+                    yield from self._write_tool_result(call)
+                    settled = True
+                worker.waiting = worker.waiting_calls[0] if worker.waiting_calls else None
+            blocked = all(w.finished or w.waiting_calls for w in self.workers) and not any(
+                w.pending for w in self.workers
             )
-            self.inject(block, kind="tool_result")
-            worker.waiting = None
-            if self.hooks.on_tool_result is not None:
-                self.hooks.on_tool_result(call)
+            if settled or not blocked:
+                return
+            calls = [w.waiting_calls[0] for w in waiting]
+            futures = tuple(c.future for c in calls if c.future is not None)
+            deadline = min(c.started + self.tool_runner.timeout_s for c in calls)
+            yield Idle(futures, deadline)
 
+    def _write_tool_result(self, call: ToolCall) -> RunProgram[None]:
+        values = {"tool": str(call.name), "worker": call.worker_name, "result": call.result or ""}
+        ids = self.engine.encode_format(self.script.tool_result, values)
+        room = self.shared_room()
+        if len(ids) > room:  # the context is nearly full: keep what fits
+            ids = ids[:room]
+        if ids:
+            yield from self._write_shared(ids, "tool_result")
+        if self.hooks.on_tool_result is not None:
+            self.hooks.on_tool_result(call)
+        self._notify(ToolResultEvent(call, self.steps_taken))
+
+    # ---- choosing --------------------------------------------------------------------------------
     def _interjection_due(self, worker: WorkerState) -> bool:
         """Every `interjection_period` sampled tokens, but never right after a step header."""
         return (
             bool(self.script.interjection)
+            and not worker.answering
             and worker.since_interjection >= self.script.interjection_period
             and worker.last_source == "sampled"
         )
@@ -460,6 +636,12 @@ class HogwildRun:
         if source == "sampled":
             worker.generated += 1
             worker.since_interjection += 1
+        if worker.answering:
+            if source == "sampled" and self._answer_complete(worker):
+                self._finish(worker, "stop")
+            elif worker.generated >= worker.budget or self._at_context_limit(worker):
+                self._finish(worker, "length")
+            return
         if source in ("sampled", "forced") and self._gave_answer(worker):
             self._finish(worker, "stop")
             if not self.concluding:  # the first final answer ends the work for everyone
@@ -477,12 +659,20 @@ class HogwildRun:
         ):
             worker.closing = True
 
+    def _answer_complete(self, worker: WorkerState) -> bool:
+        """The finisher's answer ends at a complete answer, a paragraph break or a stop string."""
+        text = worker.text
+        return (
+            self.script.extract_answer(text) is not None
+            or PARAGRAPH_BREAK in text[worker.answer_start :]
+            or self._hit_stop_string(worker)
+        )
+
     def _at_context_limit(self, worker: WorkerState) -> bool:
         # a view is a subset of the stored blocks plus the pending tokens: check that bound first
-        limit = self.engine.max_positions
-        if self.cache.tokens_stored + len(worker.pending) < limit:
+        if self.cache.tokens_stored + len(worker.pending) < self.max_positions:
             return False
-        return self.view_length(worker.index) >= limit
+        return self.view_length(worker.index) >= self.max_positions
 
     def _gave_answer(self, worker: WorkerState) -> bool:
         """True when the worker's newest token completes a final answer the protocol recognises."""
@@ -503,31 +693,38 @@ class HogwildRun:
         worker.closing = True  # its last tokens are still fed, then its block joins the history
         worker.forced, worker.header_due = [], []
 
+    def cancel(self) -> None:
+        """Mark every unfinished worker "cancelled" (a driver stopped the run between two steps)."""
+        for worker in self.workers:
+            if not worker.finished:
+                worker.finish_reason = "cancelled"
+            worker.pending = []
+
     def close(self) -> None:
-        """Release what the run made for itself (the thread pool of a tool runner built for it)."""
+        """Release what the run holds: its cache pages and a tool runner made for it."""
         if self.tool_runner is not None and self.owns_tool_runner:
             self.tool_runner.close()
+        self.cache.release()
 
-    def conclude(self, worker: int = 0, max_tokens: int = 64) -> bool:
-        """Finish a run that ended without an answer: force the script's finisher into `worker`'s stream
-        and decode greedily until an answer is complete, a stop, or `max_tokens`. Returns True if it ran.
-
-        Drives any unfinished work to the end first. Does nothing when the script has no finisher or a
-        worker's text already holds an answer."""
+    def _conclude(self, worker: int = 0, max_tokens: int = FINISHER_TOKENS) -> RunProgram[bool]:
         while not self.done:
-            self.step()
+            yield from self._step()
         if not self.script.finisher or any(self.script.extract_answer(w.text) for w in self.workers):
             return False
-        if any(w.finish_reason == "timeout" for w in self.workers):
+        if any(w.finish_reason in ("timeout", "cancelled") for w in self.workers):
             return False  # out of time: no more decoding
         state = self.workers[worker]
+        if self.view_length(worker) + len(self.engine.encode(self.script.finisher)) + 1 > self.max_positions:
+            return False  # no room left for the answer
         self.concluding = True
-        self.sampling = SamplingParams(temperature=0.0)
         state.finish_reason = None
+        state.answering = True
+        state.header_due = []
         state.budget = state.generated + max_tokens
         state.forced = self.engine.encode(self.script.finisher)
+        state.answer_start = len(self.engine.decode(state.stream + state.forced))
         while not self.done:
-            self.step()
+            yield from self._step()
         return True
 
     # ---- results -------------------------------------------------------------------------------
@@ -539,6 +736,17 @@ class HogwildRun:
             if cut >= 0:
                 text = text[:cut]
         return text
+
+    def _final_text(self, answer: str | None) -> str:
+        """The answer; else the finisher's unfinished answer; else (no protocol) worker 0's text."""
+        if answer is not None:
+            return answer
+        for w in self.workers:
+            if w.answering:
+                return w.text[w.answer_start :].split(PARAGRAPH_BREAK)[0].strip()
+        if not self.script.finisher:
+            return self.worker_text(0)
+        return ""
 
     def result(self) -> HogwildResult:
         workers = [
@@ -557,12 +765,23 @@ class HogwildRun:
             answer = self.script.extract_answer(w.text) or answer
         reasons = {w.finish_reason for w in self.workers}
         return HogwildResult(
-            final_text=answer if answer is not None else workers[0].text,
+            final_text=self._final_text(answer),
             answer=answer,
             workers=workers,
             shared_text=self.engine.decode(self.cache.token_ids(SHARED)),
             usage=Usage(self.prompt_tokens, sum(w.generated for w in self.workers), self.forward_tokens),
             steps=self.steps_taken,
-            finish_reason=next((r for r in ("timeout", "length") if r in reasons), "stop"),
+            finish_reason=next((r for r in ("cancelled", "timeout", "length") if r in reasons), "stop"),
             trace=list(self.trace),
         )
+
+
+def wait_for_first(idle: Idle) -> None:
+    """Block until one of the idle request's tool calls returns or the earliest deadline passes."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    remaining = max(0.0, idle.deadline - time.monotonic())
+    if idle.futures:
+        wait(idle.futures, timeout=remaining, return_when=FIRST_COMPLETED)
+    else:
+        time.sleep(min(remaining, 0.01))

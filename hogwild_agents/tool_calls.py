@@ -66,9 +66,9 @@ def find_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:
     return ToolCallMatch(opening, closing + len(CLOSE), raw, name, arguments, error)
 
 
-def find_tool_calls(text: str) -> list[ToolCallMatch]:
-    """Every complete tool call in `text`, in order."""
-    found, position = [], 0
+def find_tool_calls(text: str, start: int = 0) -> list[ToolCallMatch]:
+    """Every complete tool call in `text` that begins at or after `start`, in order."""
+    found, position = [], start
     while (match := find_tool_call(text, position)) is not None:
         found.append(match)
         position = match.end

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from hogwild_agents import LAYOUTS, HogwildEngine, UnsupportedModelError
-from hogwild_agents.cache import HEADERS, SHARED, STEPS
+from hogwild_agents.cache import HEADERS, PAGE_SIZE, SHARED, STEPS
 from hogwild_agents.loading import check_rope_support
 from tests.conftest import TINY, named_script
 
@@ -54,7 +54,7 @@ def test_each_step_encodes_only_the_new_tokens(tiny_engines, layout):
             record = run.step()
             assert record.forward_tokens == sum(pending.values())
             rows, length = counter.shapes[-1]
-            assert rows == len(pending) and length == max(pending.values())  # nothing but the new tokens
+            assert rows == 1 and length == sum(pending.values())  # the new tokens packed, nothing else
             fed_total += record.forward_tokens
         assert run.forward_tokens == setup + fed_total
     finally:
@@ -73,8 +73,6 @@ def test_kv_memory_holds_each_token_once(tiny_engines, layout):
         temperature=1.0,
         seed=2,
     )
-    longest = {g: 0 for g in (SHARED, HEADERS, STEPS)}
-    initial = {g: run.cache.groups[g].capacity for g in longest}
     for step in range(40):
         if run.done:
             break
@@ -83,17 +81,18 @@ def test_kv_memory_holds_each_token_once(tiny_engines, layout):
         if step == 20:
             run.inject("Shared note.\n\n")
         run.step()
-        for g in longest:
-            longest[g] = max(longest[g], *run.cache.groups[g].lengths)
         # every token the model processed is stored exactly once, and nothing else is
         assert run.cache.tokens_stored == run.forward_tokens + run.reused_tokens
         assert run.cache.bytes_used == run.cache.tokens_stored * run.cache.shape.bytes_per_token
+        # pages are held only for stored tokens: at most one partly filled page per block
+        blocks = [block for group in (SHARED, HEADERS, STEPS) for block in run.cache.blocks[group]]
+        assert run.cache.pages_held == sum(-(-block.length // PAGE_SIZE) for block in blocks)
+        assert run.pool.pages_in_use == run.cache.pages_held
     per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv_heads x head_dim x fp32 bytes
     assert run.cache.shape.bytes_per_token == per_token
-    for g, group in enumerate(run.cache.groups):
-        assert group.capacity <= max(initial[g], 2 * longest[g])  # stated slack: at most doubling
-    allocated = sum(group.n_slots * group.capacity for group in run.cache.groups) * per_token
-    assert run.cache.bytes_allocated == allocated
+    assert run.cache.bytes_allocated == run.cache.pages_held * PAGE_SIZE * per_token
+    run.close()
+    assert run.pool.pages_in_use == 0 and run.pool.bytes_allocated == 0
 
 
 def test_budgets_stop_strings_and_eos(smol_engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as futures
 import json
+import threading
 import time
 
 import pytest
@@ -84,8 +85,9 @@ def test_a_call_runs_once_and_every_worker_sees_the_result(tiny_engines, layout)
 
 def test_the_caller_pauses_while_others_keep_writing(tiny_engines):
     engine = tiny_engines["llama"]
+    release = threading.Event()
     slow = EngineTool(
-        "slow", "waits", {"type": "object", "properties": {}}, lambda: time.sleep(0.6) or "done"
+        "slow", "waits", {"type": "object", "properties": {}}, lambda: release.wait(10) and "done"
     )
     run = engine.start(
         PROMPT, n_workers=2, protocol=named_script(PROMPT, 2), max_new_tokens=60, engine_tools=[slow]
@@ -98,6 +100,7 @@ def test_the_caller_pauses_while_others_keep_writing(tiny_engines):
         run.step()
     assert run.workers[0].generated == before[0]  # paused
     assert run.workers[1].generated == before[1] + 3  # not paused
+    release.set()
     run.workers[0].waiting.future.result(timeout=5)
     run.step()
     assert run.workers[0].waiting is None and run.tool_calls[0].result == "done"
