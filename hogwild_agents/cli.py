@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 
@@ -17,9 +17,16 @@ from hogwild_agents.builtin_tools import calculator_tool
 from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.live import LiveView
 from hogwild_agents.protocol import shipped_protocols
-from hogwild_agents.results import StepRecord
-from hogwild_agents.run import LAYOUTS
+from hogwild_agents.results import (
+    RunEvent,
+    StepRecord,
+    ToolCallEvent,
+    ToolResultEvent,
+    WorkerStepEvent,
+)
+from hogwild_agents.run import HogwildRun
 from hogwild_agents.transcript import render_html
+from hogwild_agents.views import LAYOUTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,22 +100,51 @@ def _engine_tools(names: str) -> list:
     return tools
 
 
-def _live_printer(engine: HogwildEngine, names: list[str]):
-    """Print each worker's new text as it is chosen, prefixed by the worker's name when it changes."""
-    last = {"worker": None}
+class PlainPrinter:
+    """Prints whole steps as they finish, each under its worker's name, and tool calls and results."""
 
-    def on_step(record: StepRecord) -> None:
-        for worker, ids in record.chosen.items():
-            text = engine.decode(ids)
-            if not text:
-                continue
-            if last["worker"] != worker:
-                sys.stdout.write(f"\n[{names[worker]}] ")
-                last["worker"] = worker
-            sys.stdout.write(text)
-        sys.stdout.flush()
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
 
-    return on_step
+    def __call__(self, event: RunEvent) -> None:
+        if isinstance(event, WorkerStepEvent) and event.text.strip():
+            self.out.write(f"[{event.name}] {event.text.strip()}\n\n")
+        elif isinstance(event, ToolCallEvent | ToolResultEvent):
+            self.out.write(f"[tool] {event.text.strip()}\n\n")
+        else:
+            return
+        self.out.flush()
+
+
+class LiveController:
+    """Draws the live view between steps, in the thread that drives the run (a run controller)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.view: LiveView | None = None
+
+    def start(self, run: HogwildRun) -> None:
+        self.view = LiveView(run, self.console)
+        self.view.__enter__()
+        run.add_listener(self._note)
+
+    def _note(self, event: RunEvent) -> None:
+        if isinstance(event, ToolCallEvent):
+            self.view.note(f"{event.call.worker_name} calls {event.call.name}: {event.call.raw}")
+        elif isinstance(event, ToolResultEvent):
+            self.view.note(f"{event.call.name} -> {event.call.result}")
+
+    def after_step(self, run: HogwildRun, record: StepRecord) -> bool:
+        self.view.update(record)
+        return False
+
+    def finish(self, run: HogwildRun, stopped: bool) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.view is not None:
+            self.view.__exit__(None, None, None)
+            self.view = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,20 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     console = Console()
     live = args.view == "live" or (args.view == "auto" and console.is_terminal)
-    with engine.lock, closing(engine.start(messages, **options)) as run:
-        if live:
-            with LiveView(run, console) as view:
-                run.hooks.on_tool_call = lambda c: view.note(f"{c.worker_name} calls {c.name}: {c.raw}")
-                run.hooks.on_tool_result = lambda c: view.note(f"{c.name} -> {c.result}")
-                while not run.done:
-                    view.update(run.step())
-                run.conclude()
-        else:
-            show = _live_printer(engine, [w.name for w in run.workers])
-            while not run.done:
-                show(run.step())
-            run.conclude()
-        result = run.result()
+    controller = LiveController(console) if live else None
+    handle = engine.submit(messages, controller=controller, **options)
+    try:
+        if controller is None:
+            printer = PlainPrinter(sys.stdout)
+            for event in handle.events():
+                printer(event)
+        result = handle.result()
+    finally:
+        handle.cancel()  # Ctrl-C: stop the run
+        if controller is not None:
+            controller.close()
     if args.transcript:
         Path(args.transcript).write_text(render_html(result, title=args.question), encoding="utf-8")
     usage = result.usage

@@ -62,7 +62,7 @@ class HogwildEngine:
         self.head_dim = self.rotations.head_dim
         self.max_positions = getattr(config, "max_position_embeddings", None) or 2**31
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self.vocab_size = max(len(tokenizer), model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]  # ids the model can embed
         self.prompt_cache = PromptCache()  # K/V of the last prompt, reused by a run that extends it
         self._special_pattern: re.Pattern[str] | bool | None = None
         self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)

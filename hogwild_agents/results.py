@@ -105,6 +105,7 @@ class ToolCallEvent:
 
     call: ToolCall
     step: int
+    text: str  # "<worker> called <tool>: <call>"
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,17 @@ class ToolResultEvent:
 
     call: ToolCall
     step: int
+    text: str  # the shared block's text
+
+
+@dataclass(frozen=True)
+class WorkerStepEvent:
+    """A worker's step is complete (it joins the shared history), or its last text when it finished."""
+
+    worker: int
+    name: str
+    step: int  # the worker's step number, from 1
+    text: str
 
 
 @dataclass(frozen=True)
@@ -122,4 +134,4 @@ class StepEvent:
     record: StepRecord
 
 
-RunEvent = TokenEvent | ToolCallEvent | ToolResultEvent | StepEvent
+RunEvent = TokenEvent | ToolCallEvent | ToolResultEvent | WorkerStepEvent | StepEvent

@@ -45,6 +45,7 @@ from hogwild_agents.results import (
     TraceEvent,
     Usage,
     WorkerResult,
+    WorkerStepEvent,
 )
 from hogwild_agents.sampling import SamplingParams, choose_tokens
 from hogwild_agents.script import RunScript
@@ -472,12 +473,15 @@ class HogwildRun:
         return record
 
     def _close_step(self, worker: WorkerState) -> None:
-        """The worker's current step is complete: move it into the shared history, open the next one."""
+        """The worker's current step is complete: move it into the shared history, open the next one.
+        (In the contiguous layout a worker's whole output is one step, complete when it finishes.)"""
         worker.closing = False
+        text = self.engine.decode(worker.step_ids)
+        self._notify(WorkerStepEvent(worker.index, worker.name, worker.step_index, text))
         if self.layout == "contiguous":
             return
         if self.hooks.on_step_finished is not None:
-            self.hooks.on_step_finished(worker.index, self.engine.decode(worker.step_ids))
+            self.hooks.on_step_finished(worker.index, text)
         self.cache.move_to_shared(worker.index)
         worker.step_ids = []
         if not worker.finished:
@@ -575,7 +579,7 @@ class HogwildRun:
             self.trace.append(TraceEvent(step, None, "tool_call", label))
             if self.hooks.on_tool_call is not None:
                 self.hooks.on_tool_call(call)
-            self._notify(ToolCallEvent(call, step))
+            self._notify(ToolCallEvent(call, step, label))
         worker.waiting = worker.waiting_calls[0]
         worker.closing = True  # the step holding the calls joins the history before their results
 
@@ -613,7 +617,7 @@ class HogwildRun:
             yield from self._write_shared(ids, "tool_result")
         if self.hooks.on_tool_result is not None:
             self.hooks.on_tool_result(call)
-        self._notify(ToolResultEvent(call, self.steps_taken))
+        self._notify(ToolResultEvent(call, self.steps_taken, self.engine.decode(ids)))
 
     # ---- choosing --------------------------------------------------------------------------------
     def _interjection_due(self, worker: WorkerState) -> bool:
@@ -705,6 +709,8 @@ class HogwildRun:
         if self.tool_runner is not None and self.owns_tool_runner:
             self.tool_runner.close()
         self.cache.release()
+        for worker in self.workers:
+            worker.last_logits = None
 
     def _conclude(self, worker: int = 0, max_tokens: int = FINISHER_TOKENS) -> RunProgram[bool]:
         while not self.done:

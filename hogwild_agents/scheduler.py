@@ -13,8 +13,10 @@ which runs share its forwards; see README ("Many runs at once") for where this h
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,15 @@ from hogwild_agents.plan import ForwardPlan, RowPlan
 from hogwild_agents.run import HogwildRun, Idle, Request, RunController, RunProgram
 
 DEFAULT_BATCH_TOKENS = 512
+_SCHEDULERS: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_all() -> None:
+    """Stop every scheduler thread before the interpreter tears down torch (a thread still inside
+    torch at that point aborts the process)."""
+    for scheduler in list(_SCHEDULERS):
+        scheduler.shutdown()
 
 
 @dataclass(eq=False)
@@ -64,7 +75,9 @@ class Scheduler:
         self._waiting: deque[_Entry] = deque()
         self._active: list[_Entry] = []
         self._thread: threading.Thread | None = None
+        self._closing = False
         self.forwards = 0  # forwards run so far (for inspection and benchmarks)
+        _SCHEDULERS.add(self)
 
     # ---- any thread ------------------------------------------------------------------------------
     @property
@@ -109,6 +122,18 @@ class Scheduler:
             self._cond.notify_all()
         return handle
 
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel every run and stop the thread (a later `submit` starts it again)."""
+        with self._cond:
+            thread, self._closing = self._thread, True
+            for entry in (*self._waiting, *self._active):
+                entry.cancelled = True
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._cond:
+            self._closing = False
+
     def _cancel(self, handle: RunHandle) -> None:
         with self._cond:
             for entry in (*self._waiting, *self._active):
@@ -124,22 +149,29 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._active:
+                while not self._waiting and not self._active and not self._closing:
                     self._cond.wait()
-                dropped = [e for e in self._waiting if e.cancelled]
-                for entry in dropped:
-                    self._waiting.remove(entry)
+                if self._closing and not self._waiting and not self._active:
+                    self._thread = None
+                    return
+            self._turn()  # its locals (entries, requests) go when it returns, not at the next wait
+
+    def _turn(self) -> None:
+        with self._cond:
+            dropped = [e for e in self._waiting if e.cancelled]
             for entry in dropped:
-                entry.run.cancel()
-                entry.handle.resolve(entry.run.result())
-            for entry in [e for e in self._active if e.cancelled]:
-                self._stop(entry)
-            self._admit()
-            try:
-                self._tick()
-            except BaseException as error:  # never leave the loop: fail what was running instead
-                for entry in list(self._active):
-                    self._end(entry, error=error)
+                self._waiting.remove(entry)
+        for entry in dropped:
+            entry.run.cancel()
+            entry.handle.resolve(entry.run.result())
+        for entry in [e for e in self._active if e.cancelled]:
+            self._stop(entry)
+        self._admit()
+        try:
+            self._tick()
+        except BaseException as error:  # never leave the loop: fail what was running instead
+            for entry in list(self._active):
+                self._end(entry, error=error)
 
     def _admit(self) -> None:
         with self._cond:

@@ -4,7 +4,8 @@ The forward's work is cut into *items*: one (row, block, key chunk) each, at mos
 One program per (item, kv head) rotates the row's queries by -offset of its block (RoPE trick), scores
 the chunk's stored keys tile by tile with an online softmax, and writes a partial result: running max,
 sum of exponentials and the unnormalised output. The partials of a row are then merged by a
-log-sum-exp reduction. Keys are read in place from the block storage: nothing is copied or re-rotated.
+log-sum-exp reduction. Keys are read in place from the paged pool through each block's page table:
+nothing is copied or re-rotated.
 
 Runs on CUDA; with `TRITON_INTERPRET=1` set before this module is imported, Triton's interpreter runs
 the same kernel on the CPU (slowly), which is how the tests check it against the reference.
@@ -19,22 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from hogwild_agents.attention import fast_attention
+from hogwild_agents.cache import PAGE_SIZE, pages_for
 from hogwild_agents.plan import ForwardPlan
 
 MIN_CHUNK = 256  # keys per item at the least
 SPLITS = 8  # the longest view is cut into about this many chunks, so that long blocks spread over programs
 MAX_QUERIES = 128  # queries per (row, kv head) the kernel takes; prefill-sized forwards use matmuls
 BLOCK_N = 64  # keys per tile inside a program
-META_FIELDS = 7  # row, slot, start, end, visible, is_target, pad
 
 
 @triton.jit
 def _partial_block_attention(
     q_ptr,  # [rows, heads, q_len, dim], already scaled
-    k_ptr,  # [slots, kv_heads, capacity, dim] of one layer of one block group
+    k_ptr,  # [kv_heads, pages, PAGE, dim] of one layer of the pool
     v_ptr,
-    meta_ptr,  # [items, META_FIELDS] int32
+    pages_ptr,  # [table entries] int32: the page tables of every item's block, concatenated
+    meta_ptr,  # [items, 7] int32: row, table start, start, end, visible, is_target, pad
     cos_ptr,  # [items, rot] fp32: rotation of the queries by -offset of the item's block
     sin_ptr,
     m_ptr,  # [all items, kv_heads, BLOCK_Q] fp32 partial max
@@ -44,14 +45,15 @@ def _partial_block_attention(
     stride_qr,
     stride_qh,
     stride_qt,
-    stride_ks,
     stride_kh,
+    stride_kp,
     stride_kt,
-    stride_vs,
     stride_vh,
+    stride_vp,
     stride_vt,
     kv_heads,
     q_len,
+    PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROT_DIM: tl.constexpr,
     PER_KV: tl.constexpr,
@@ -62,9 +64,9 @@ def _partial_block_attention(
 ):
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
-    meta = meta_ptr + item * 7  # META_FIELDS
+    meta = meta_ptr + item * 7
     row = tl.load(meta)
-    slot = tl.load(meta + 1)
+    table = tl.load(meta + 1)
     start = tl.load(meta + 2)
     end = tl.load(meta + 3)
     visible = tl.load(meta + 4)
@@ -99,13 +101,17 @@ def _partial_block_attention(
     m_i = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_Q,), tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_D), tl.float32)
-    k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
-    v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_vh
     for tile in range(start, end, BLOCK_N):
         n = tile + tl.arange(0, BLOCK_N)
         n_valid = n < end
+        page = tl.load(pages_ptr + table + n // PAGE, mask=n_valid, other=0)
+        in_page = n % PAGE
         k = tl.load(
-            k_base + n[:, None] * stride_kt + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0
+            k_base + page[:, None] * stride_kp + in_page[:, None] * stride_kt + d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
         )
         s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION)  # [BLOCK_Q, BLOCK_N], fp32
         seen = n_valid[None, :] & (n[None, :] < limit[:, None]) & q_valid[:, None]
@@ -115,7 +121,9 @@ def _partial_block_attention(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         v = tl.load(
-            v_base + n[:, None] * stride_vt + d[None, :], mask=n_valid[:, None] & d_valid[None, :], other=0.0
+            v_base + page[:, None] * stride_vp + in_page[:, None] * stride_vt + d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -175,50 +183,62 @@ def _merge_partials(
 
 @dataclass
 class BlockTable:
-    """The forward's items, grouped by block group; built once per forward and shared by all layers."""
+    """The forward's items and page tables; built once per forward and shared by all layers."""
 
-    launches: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, int]]  # group, meta, cos, sin, first
+    meta: torch.Tensor  # [items, 7] int32
+    pages: torch.Tensor  # [table entries] int32
+    cos: torch.Tensor  # [items, rot]
+    sin: torch.Tensor
     item_rows: torch.Tensor  # [items] row of each item
     row_items: torch.Tensor  # [items] int32 item ids ordered by row
     row_starts: torch.Tensor  # [rows + 1] int32 offsets into row_items
-    n_items: int
+    query_index: torch.Tensor  # [rows * q_len] packed token of each (row, query) slot (0: padding)
+    valid: torch.Tensor  # [rows * q_len] bool
+    q_len: int
+
+    @property
+    def n_items(self) -> int:
+        return self.meta.shape[0]
 
     @classmethod
     def from_plan(cls, plan: ForwardPlan) -> BlockTable:
-        per_group: dict[int, tuple[list[list[int]], list[int]]] = {}
-        item_rows: list[int] = []
+        metas: list[list[int]] = []
+        offsets: list[int] = []
+        pages: list[int] = []
+        q_len = max(len(row.token_ids) for row in plan.rows)
         chunk = chunk_length(plan)
-        for n, (row, pad) in enumerate(zip(plan.rows, plan.pads, strict=True)):
+        query_index, valid = [], []
+        for n, row in enumerate(plan.rows):
             new = len(row.token_ids)
+            pad = q_len - new
+            query_index += [0] * pad + list(plan.row_tokens(n))
+            valid += [False] * pad + [True] * new
             for seg in row.segments:
                 target = seg is row.target
                 length = seg.visible + (new if target else 0)
-                metas, offsets = per_group.setdefault(seg.group, ([], []))
+                table = len(pages)
+                pages += row.cache.block(seg.group, seg.slot).pages[: pages_for(length)]
                 for start in range(0, length, chunk):
-                    metas.append(
-                        [n, seg.slot, start, min(length, start + chunk), seg.visible, int(target), pad]
-                    )
+                    metas.append([n, table, start, min(length, start + chunk), seg.visible, int(target), pad])
                     offsets.append(-seg.offset)
-        device = plan.cache.shape.device
-        launches, first = [], 0
-        for group in sorted(per_group):
-            metas, offsets = per_group[group]
-            cos, sin = plan.cache.rotations.cos_sin(torch.tensor(offsets, device=device), torch.float32)
-            meta = torch.tensor(metas, dtype=torch.int32, device=device)
-            launches.append((group, meta, cos.contiguous(), sin.contiguous(), first))
-            item_rows.extend(m[0] for m in metas)
-            first += len(metas)
-        by_row = sorted(range(first), key=item_rows.__getitem__)
+        device = plan.device
+        cos, sin = plan.rotations.cos_sin(torch.tensor(offsets, device=device), torch.float32)
+        item_rows = [m[0] for m in metas]
+        by_row = sorted(range(len(metas)), key=item_rows.__getitem__)
         counts = [0] * (len(plan.rows) + 1)
         for row in item_rows:
             counts[row + 1] += 1
-        starts = list(itertools.accumulate(counts))
         return cls(
-            launches,
-            torch.tensor(item_rows, device=device),
-            torch.tensor(by_row, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int32, device=device),
-            first,
+            meta=torch.tensor(metas, dtype=torch.int32, device=device),
+            pages=torch.tensor(pages or [0], dtype=torch.int32, device=device),
+            cos=cos.contiguous(),
+            sin=sin.contiguous(),
+            item_rows=torch.tensor(item_rows, device=device),
+            row_items=torch.tensor(by_row, dtype=torch.int32, device=device),
+            row_starts=torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device),
+            query_index=torch.tensor(query_index, dtype=torch.long, device=device),
+            valid=torch.tensor(valid, device=device),
+            q_len=q_len,
         )
 
 
@@ -229,60 +249,63 @@ def chunk_length(plan: ForwardPlan) -> int:
     return max(MIN_CHUNK, -(-longest // SPLITS))
 
 
-def triton_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Block attention by the Triton kernel. query: [rows, heads, q_len, dim] -> [rows, q_len, heads, dim].
+def fits(plan: ForwardPlan, query: torch.Tensor) -> bool:
+    """True when the kernel takes this forward: at most MAX_QUERIES queries per (row, kv head)."""
+    per_kv = query.shape[1] // plan.pool.shape.kv_heads
+    return per_kv * max(len(row.token_ids) for row in plan.rows) <= MAX_QUERIES
 
-    The kernel serves decode-sized forwards (a few new tokens per row); prefill-sized ones, which are
-    compute-bound, go to the batched-matmul path."""
-    rows, heads, q_len, dim = query.shape
-    kv_heads = plan.cache.shape.kv_heads
+
+def triton_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Block attention by the Triton kernel. query: [1, heads, tokens, dim] -> [1, tokens, heads, dim]."""
+    _, heads, _, dim = query.shape
+    kv_heads = plan.pool.shape.kv_heads
     per_kv = heads // kv_heads
-    if per_kv * q_len > MAX_QUERIES:
-        return fast_attention(plan, layer, query, scaling)
     table = plan.derived.get("triton")
     if table is None:
         table = plan.derived["triton"] = BlockTable.from_plan(plan)
+    rows, q_len = len(plan.rows), table.q_len
     block_q = max(16, triton.next_power_of_2(per_kv * q_len))
     block_d = max(16, triton.next_power_of_2(dim))
-    q = (query * scaling).contiguous()
+    q = (query[0][:, table.query_index] * scaling).view(heads, rows, q_len, dim).transpose(0, 1).contiguous()
     m = torch.empty(table.n_items, kv_heads, block_q, dtype=torch.float32, device=query.device)
     denominators = torch.empty_like(m)
     acc = torch.empty(table.n_items, kv_heads, block_q, block_d, dtype=torch.float32, device=query.device)
-    for group, meta, cos, sin, first in table.launches:
-        k = plan.cache.groups[group].k[layer]
-        v = plan.cache.groups[group].v[layer]
-        _partial_block_attention[(meta.shape[0], kv_heads)](
-            q,
-            k,
-            v,
-            meta,
-            cos,
-            sin,
-            m,
-            denominators,
-            acc,
-            first,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            kv_heads,
-            q_len,
-            HEAD_DIM=dim,
-            ROT_DIM=plan.cache.rotations.rot_dim,
-            PER_KV=per_kv,
-            BLOCK_Q=block_q,
-            BLOCK_D=block_d,
-            BLOCK_N=BLOCK_N,
-            PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
-        )
+    k, v = plan.pool.k[layer], plan.pool.v[layer]  # [kv_heads, pages, PAGE, dim]
+    _partial_block_attention[(table.n_items, kv_heads)](
+        q,
+        k,
+        v,
+        table.pages,
+        table.meta,
+        table.cos,
+        table.sin,
+        m,
+        denominators,
+        acc,
+        0,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        kv_heads,
+        q_len,
+        PAGE=PAGE_SIZE,
+        HEAD_DIM=dim,
+        ROT_DIM=plan.rotations.rot_dim,
+        PER_KV=per_kv,
+        BLOCK_Q=block_q,
+        BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N,
+        PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+    )
     out = torch.empty(rows, q_len, heads, dim, dtype=query.dtype, device=query.device)
-    return merge_rows(m, denominators, acc, table.row_items, table.row_starts, out)
+    merge_rows(m, denominators, acc, table.row_items, table.row_starts, out)
+    return out.view(rows * q_len, heads, dim)[table.valid][None]
 
 
 def merge_rows(

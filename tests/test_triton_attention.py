@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hogwild_agents import LAYOUTS
+from hogwild_agents.cache import STEPS
 from hogwild_agents.plan import ForwardPlan, RowPlan
 from tests.conftest import named_script
 from tests.test_equivalence import PROMPT, drive_and_check, hf_greedy, step_side_by_side
@@ -67,16 +68,19 @@ def test_chunks_split_the_longest_view_into_about_splits_programs(tiny_engines, 
     engine = tiny_engines["llama"]
     run = engine.start("word " * 600, n_workers=2, max_new_tokens=4)
     run.step()
-    rows = [RowPlan(tuple(w.pending), tuple(run._segments(w.index))) for w in run.workers]
-    plan = ForwardPlan(rows, run.cache, engine.dtype)
+    for w in run.workers:
+        run.cache.reserve(STEPS, w.index, len(w.pending))
+    rows = [RowPlan(tuple(w.pending), tuple(run.view(w.index)), run.cache) for w in run.workers]
+    plan = ForwardPlan(rows, run.pool)
     longest = max(row.view_length for row in rows)
     assert triton_attention.chunk_length(plan) == triton_attention.MIN_CHUNK  # ~600 keys: not split
     monkeypatch.setattr(triton_attention, "MIN_CHUNK", 16)
     chunk = triton_attention.chunk_length(plan)
     assert chunk == -(-longest // triton_attention.SPLITS)
     table = triton_attention.BlockTable.from_plan(plan)
-    shared_items = [int(m[3] - m[2]) for group, meta, *_ in table.launches if group == 0 for m in meta]
-    assert max(shared_items) == chunk and sum(shared_items) == 2 * run.cache.shared_length
+    shared = run.cache.shared_length  # every row sees the whole shared block, the only one this long
+    shared_items = [m[3] - m[2] for m in table.meta.tolist() if m[4] == shared and not m[5]]
+    assert max(shared_items) == chunk and sum(shared_items) == 2 * shared
 
 
 def test_merge_gives_zeros_to_queries_that_saw_nothing():

@@ -1,31 +1,23 @@
-"""One chat call as one Hogwild run: start, guide (forced tool calls, JSON output), step, stop.
+"""One chat call as one Hogwild run on the engine's scheduler: guided by a run controller.
 
-The run holds the engine's lock from start to finish, so calls on one engine queue up and never
-interleave. A tool call by any worker ends the run. A call given a `cancelled` event stops between two
-steps (or while it waits for the engine) once the event is set.
+`submit_call` submits the run with a `CallController`, which the scheduler calls between steps: it
+guides one worker (forced tool calls, JSON output) and watches for tool calls; a tool call by any
+worker (or the guided value being complete) stops the run. The caller iterates the handle's events
+and reads the outcome once the run has ended.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Generator, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.handle import RunHandle
 from hogwild_agents.results import HogwildResult, StepRecord
 from hogwild_agents.run import HogwildRun
 from hogwild_agents.tool_calls import OPEN, ParsedToolCall, find_complete_tool_call, parse_tool_calls
 from langchain_hogwild._guided import GuidedWriter, object_program, tool_call_program
-
-Step = tuple[HogwildRun, StepRecord]
-LOCK_POLL_S = 0.05  # how often a call waiting for the engine looks at its cancellation event
-
-
-class CallCancelled(Exception):
-    """The caller stopped waiting for the call (a cancelled task, a closed stream)."""
 
 
 @dataclass(frozen=True)
@@ -51,18 +43,24 @@ class Outcome:
 
 
 class _Session:
-    """The state of one call's run while it steps."""
+    """The state of one call's run while it steps: a run controller (see `run.RunController`)."""
 
-    def __init__(self, run: HogwildRun, spec: CallSpec) -> None:
-        self.run, self.spec = run, spec
+    def __init__(self, spec: CallSpec) -> None:
+        self.spec = spec
+        self.run: HogwildRun | None = None
         self.parameters = {t["function"]["name"]: t["function"].get("parameters") or {} for t in spec.tools}
         self.watch_tools = bool(self.parameters) and spec.tool_choice != "none"
         self.guide: GuidedWriter | None = None
         self.guide_kind = ""
         self.calls: list[ParsedToolCall] = []
         self.tool_worker: int | None = None
+        self.scan_from: list[int] = []
+
+    # ---- RunController ---------------------------------------------------------------------------
+    def start(self, run: HogwildRun) -> None:
+        self.run = run
         self.scan_from = [len(w.text) for w in run.workers]
-        worker = spec.guide_worker
+        spec, worker = self.spec, self.spec.guide_worker
         if spec.json_schema is not None:
             self._guide(worker, object_program(spec.json_schema), "json")
         elif self.watch_tools and spec.tool_choice is not None:
@@ -70,6 +68,24 @@ class _Session:
             if name is None and len(self.parameters) == 1:
                 name = next(iter(self.parameters))
             self._guide(worker, tool_call_program(self.parameters, name), "tool")
+
+    def after_step(self, run: HogwildRun, record: StepRecord) -> bool:
+        self.observe(record)
+        return self.stopped
+
+    def finish(self, run: HogwildRun, stopped: bool) -> None:
+        if not stopped:
+            self.unfinished_calls()
+
+    def outcome(self, result: HogwildResult) -> Outcome:
+        """The call's outcome once the run has ended."""
+        return Outcome(
+            result=result,
+            content=_content(self, result),
+            tool_calls=self.calls,
+            tool_worker=self.tool_worker,
+            reused_tokens=self.run.reused_tokens if self.run is not None else 0,
+        )
 
     def _guide(self, worker: int, program: Any, kind: str) -> None:
         self.guide, self.guide_kind = GuidedWriter(self.run, worker, program), kind
@@ -122,64 +138,13 @@ class _Session:
                 return
 
 
-def iter_call(
-    engine: HogwildEngine, spec: CallSpec, cancelled: threading.Event | None = None
-) -> Generator[Step, None, Outcome]:
-    """Run one call, yielding (run, record) after every step; returns the outcome. Holds the engine's
-    lock throughout, so iterate it to the end (or close it) in one thread. Raises CallCancelled once
-    `cancelled` is set: while waiting for the engine, or before the next step."""
-    with _holding(engine.lock, cancelled):
-        _check(cancelled)
-        run = engine.start(spec.messages, **spec.options)
-        try:
-            session = _Session(run, spec)
-            while not run.done and not session.stopped:
-                _check(cancelled)
-                record = run.step()
-                yield run, record
-                session.observe(record)
-            if not session.stopped:
-                run.conclude()  # the protocol's finisher, when the budget ended without an answer
-                session.unfinished_calls()
-            result = run.result()
-        finally:
-            run.close()
-    return Outcome(
-        result=result,
-        content=_content(session, result),
-        tool_calls=session.calls,
-        tool_worker=session.tool_worker,
-        reused_tokens=run.reused_tokens,
-    )
+CallController = _Session
 
 
-@contextmanager
-def _holding(lock: threading.RLock, cancelled: threading.Event | None) -> Iterator[None]:
-    """Hold `lock`; give up with CallCancelled when `cancelled` is set while waiting for it."""
-    if cancelled is None:
-        lock.acquire()
-    else:
-        while not lock.acquire(timeout=LOCK_POLL_S):
-            _check(cancelled)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _check(cancelled: threading.Event | None) -> None:
-    if cancelled is not None and cancelled.is_set():
-        raise CallCancelled("The call was cancelled.")
-
-
-def run_call(engine: HogwildEngine, spec: CallSpec) -> Outcome:
-    """Run one call to its end (or its first tool call)."""
-    steps = iter_call(engine, spec)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
+def submit_call(engine: HogwildEngine, spec: CallSpec) -> tuple[RunHandle, CallController]:
+    """Submit the call's run; returns its handle and the controller that will hold its outcome."""
+    controller = CallController(spec)
+    return engine.submit(spec.messages, controller=controller, **spec.options), controller
 
 
 def _content(session: _Session, result: HogwildResult) -> str:

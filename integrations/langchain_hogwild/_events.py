@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
@@ -14,8 +15,7 @@ from langchain_core.callbacks import (
 )
 from langchain_core.callbacks.manager import ahandle_event, handle_event
 
-from hogwild_agents.results import StepRecord
-from hogwild_agents.run import HogwildRun
+from hogwild_agents.results import RunEvent, TokenEvent, ToolCallEvent, ToolResultEvent
 
 TOKEN_EVENT = "hogwild_token"
 
@@ -32,35 +32,31 @@ model_run: ContextVar[CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun |
 )
 
 
-def worker_events(run: HogwildRun, record: StepRecord) -> list[dict[str, Any]]:
-    """One event payload per worker that wrote text in this step, then one per in-engine tool call or
-    tool result of this step (worker None: every worker sees those)."""
-    events = [
-        {
-            "worker": worker,
-            "name": run.workers[worker].name,
-            "text": text,
-            "source": record.sources.get(worker, "sampled"),
-            "step": record.index,
+def event_payload(event: RunEvent) -> dict[str, Any] | None:
+    """The custom-event payload of a run event: a worker's text, or an in-engine tool call or result
+    (worker None: every worker sees those). Step events have none."""
+    if isinstance(event, TokenEvent):
+        return {
+            "worker": event.worker,
+            "name": event.name,
+            "text": event.text,
+            "source": event.source,
+            "step": event.step,
         }
-        for worker, text in sorted(record.texts.items())
-        if text
-    ]
-    shared = []
-    for entry in reversed(run.trace):
-        if entry.step != record.index:
-            break
-        if entry.kind in ("tool_call", "tool_result"):
-            shared.append(
-                {
-                    "worker": None,
-                    "name": "shared",
-                    "text": entry.text,
-                    "source": entry.kind,
-                    "step": entry.step,
-                }
-            )
-    return events + shared[::-1]
+    if isinstance(event, ToolCallEvent | ToolResultEvent):
+        source = "tool_call" if isinstance(event, ToolCallEvent) else "tool_result"
+        return {"worker": None, "name": "shared", "text": event.text, "source": source, "step": event.step}
+    return None
+
+
+def graph_writer() -> Callable[[Any], None] | None:
+    """LangGraph's custom stream writer when the call runs inside a graph node (else None)."""
+    try:
+        from langgraph.config import get_stream_writer
+
+        return get_stream_writer()
+    except (ImportError, RuntimeError, KeyError, AttributeError):
+        return None
 
 
 def dispatch(manager: CallbackManagerForLLMRun | None, events: list[dict[str, Any]]) -> None:

@@ -29,13 +29,21 @@ from pydantic import ConfigDict, Field
 from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.hooks import Hooks
 from hogwild_agents.tool_calls import OPEN
-from langchain_hogwild._driver import CallSpec, Outcome, iter_call
-from langchain_hogwild._events import adispatch, dispatch, model_run, stream_sink, worker_events
+from langchain_hogwild._calls import CallGroup, stream_calls
+from langchain_hogwild._driver import CallSpec, Outcome, submit_call
+from langchain_hogwild._events import (
+    TOKEN_EVENT,
+    adispatch,
+    dispatch,
+    event_payload,
+    graph_writer,
+    model_run,
+    stream_sink,
+)
 from langchain_hogwild._messages import to_chat_messages, with_system_text
 from langchain_hogwild._output import message_fields
 from langchain_hogwild._registry import get_engine
-from langchain_hogwild._streaming import LiveText
-from langchain_hogwild._threads import CallGroup, run_in_thread, stream_calls
+from langchain_hogwild._streaming import ChunkMaker
 from langchain_hogwild._tools import (
     normalize_tool_choice,
     template_renders_tools,
@@ -286,18 +294,22 @@ class ChatHogwild(BaseChatModel):
         info = {"finish_reason": fields["response_metadata"]["finish_reason"]}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(**fields), generation_info=info)])
 
-    def _last_chunk(self, outcome: Outcome, spec: CallSpec, content: str) -> ChatGenerationChunk:
+    def _last_chunk(self, outcome: Outcome, spec: CallSpec, content: str | list) -> ChatGenerationChunk:
         fields = message_fields(outcome, self._settings(spec))
         chunks = to_call_chunks(fields.pop("tool_calls"), fields.pop("invalid_tool_calls"))
         fields["content"] = content
         message = AIMessageChunk(**fields, tool_call_chunks=chunks, chunk_position="last")
         return ChatGenerationChunk(message=message)
 
-    def _live(self, spec: CallSpec) -> LiveText | None:
-        """The answer streamed as written: only a raw run's worker 0 text without tools or JSON."""
-        if spec.options["protocol"] is not None or spec.tools or spec.json_schema is not None:
-            return None
-        return LiveText([*spec.options["stop"], OPEN])
+    def _chunks(self, spec: CallSpec) -> ChunkMaker:
+        """How this call's run events become message chunks (see `ChunkMaker`)."""
+        raw = spec.options["protocol"] is None
+        live = raw and not spec.tools and spec.json_schema is None
+        return ChunkMaker(
+            answer_holds=[*spec.options["stop"], OPEN] if live else None,
+            reasoning=not raw,
+            n_workers=spec.options["n_workers"],
+        )
 
     # ---- streaming entry points: give the worker events a run to belong to ----------------------------
     def stream(
@@ -372,13 +384,15 @@ class ChatHogwild(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         spec = self._spec(messages, stop, kwargs)
-        with contextlib.closing(iter_call(self.get_engine(), spec)) as steps:
-            while True:
-                try:
-                    run, record = next(steps)
-                except StopIteration as stop_iteration:
-                    return self._result(stop_iteration.value, spec)
-                dispatch(run_manager, worker_events(run, record))
+        handle, call = submit_call(self.get_engine(), spec)
+        writer = graph_writer()
+        try:
+            for event in handle.events():
+                _report(run_manager, writer, event)
+            result = handle.result()
+        finally:
+            handle.cancel()  # a no-op once the run has ended; else (an error here) stop it
+        return self._result(call.outcome(result), spec)
 
     def _stream(
         self,
@@ -389,26 +403,20 @@ class ChatHogwild(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         run_manager = run_manager or model_run.get()
         spec = self._spec(messages, stop, kwargs)
-        live = self._live(spec)
-        steps = iter_call(self.get_engine(), spec)
+        chunks = self._chunks(spec)
+        handle, call = submit_call(self.get_engine(), spec)
+        writer = graph_writer()
         try:
-            while True:
-                try:
-                    run, record = next(steps)
-                except StopIteration as stop_iteration:
-                    outcome = stop_iteration.value
-                    break
-                dispatch(run_manager, worker_events(run, record))
-                if live is not None and (delta := live.feed(record.texts.get(0, ""))):
-                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
-                    yield chunk
+            for event in handle.events():
+                _report(run_manager, writer, event)
+                yield from chunks.feed(event)
+            result = handle.result()
         finally:
-            steps.close()
-        content = live.finish(outcome.content) if live is not None else outcome.content
-        chunk = self._last_chunk(outcome, spec, content)
-        yield chunk
+            handle.cancel()  # a stream closed early (from any thread) stops its run here
+        outcome = call.outcome(result)
+        yield self._last_chunk(outcome, spec, chunks.finish(outcome.content))
 
-    # ---- async: the blocking run goes to a thread; events come back through a queue ---------------
+    # ---- async: the scheduler runs the call; its events are awaited without blocking the loop -------
     async def _agenerate(
         self,
         messages: list[BaseMessage],
@@ -416,16 +424,16 @@ class ChatHogwild(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        outcome = None
         spec = await self._spec_in_thread_safe(messages, stop, kwargs)
-        async with contextlib.aclosing(run_in_thread(self.get_engine(), spec)) as items:
-            async for item in items:
-                if isinstance(item, Outcome):
-                    outcome = item
-                else:
-                    await adispatch(run_manager, item)
-        assert outcome is not None
-        return self._result(outcome, spec)
+        handle, call = submit_call(self.get_engine(), spec)
+        writer = graph_writer()
+        try:
+            async for event in handle.aevents():
+                await _areport(run_manager, writer, event)
+            result = await handle.aresult()
+        finally:
+            await handle.acancel()
+        return self._result(call.outcome(result), spec)
 
     async def _astream(
         self,
@@ -436,28 +444,46 @@ class ChatHogwild(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         run_manager = run_manager or model_run.get()
         spec = await self._spec_in_thread_safe(messages, stop, kwargs)
-        live = self._live(spec)
-        outcome = None
-        async with contextlib.aclosing(run_in_thread(self.get_engine(), spec, with_texts=True)) as items:
-            async for item in items:
-                if isinstance(item, Outcome):
-                    outcome = item
-                    continue
-                events, text = item
-                await adispatch(run_manager, events)
-                if live is not None and (delta := live.feed(text)):
-                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+        chunks = self._chunks(spec)
+        handle, call = submit_call(self.get_engine(), spec)
+        if (group := stream_calls.get()) is not None:
+            group.add(handle)
+        writer = graph_writer()
+        try:
+            async for event in handle.aevents():
+                await _areport(run_manager, writer, event)
+                for chunk in chunks.feed(event):
                     yield chunk
-        assert outcome is not None
-        content = live.finish(outcome.content) if live is not None else outcome.content
-        chunk = self._last_chunk(outcome, spec, content)
-        yield chunk
+            result = await handle.aresult()
+        finally:
+            await handle.acancel()
+        outcome = call.outcome(result)
+        yield self._last_chunk(outcome, spec, chunks.finish(outcome.content))
 
     async def _spec_in_thread_safe(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> CallSpec:
         """Build the call (this may load the engine) without blocking the event loop."""
         return await asyncio.get_running_loop().run_in_executor(None, self._spec, messages, stop, kwargs)
+
+
+def _report(manager: CallbackManagerForLLMRun | None, writer: Any, event: Any) -> None:
+    """Send a run event to the call's callbacks (custom event) and to LangGraph's custom stream."""
+    payload = event_payload(event)
+    if payload is None:
+        return
+    dispatch(manager, [payload])
+    if writer is not None:
+        writer({"event": TOKEN_EVENT, **payload})
+
+
+async def _areport(manager: AsyncCallbackManagerForLLMRun | None, writer: Any, event: Any) -> None:
+    payload = event_payload(event)
+    if payload is None:
+        return
+    await adispatch(manager, [payload])
+    if writer is not None:
+        writer({"event": TOKEN_EVENT, **payload})
 
 
 def _reset(var: ContextVar[Any], token: Token[Any]) -> None:

@@ -42,8 +42,7 @@ class StepCounter:
 
     def assert_stopped(self, engine: HogwildEngine) -> None:
         """The engine is free now and the run takes no further step."""
-        assert engine.lock.acquire(blocking=False), "the cancelled run still holds the engine"
-        engine.lock.release()
+        assert not engine.busy, "the cancelled run is still on the engine"
         seen = self.steps
         time.sleep(0.3)
         assert self.steps == seen < LONG_RUN["max_tokens"]
@@ -119,8 +118,7 @@ def test_closing_an_astream_early_stops_its_run(engine) -> None:
             break  # the dropped stream is closed by the event loop's async-generator finalizer
         for _ in range(100):  # the finalizer runs on a later turn of the event loop
             await asyncio.sleep(0.02)
-            if engine.lock.acquire(blocking=False):
-                engine.lock.release()
+            if not engine.busy:
                 break
         dropped.assert_stopped(engine)
 
@@ -159,15 +157,21 @@ def test_breaking_out_of_a_sync_stream_stops_its_run(engine) -> None:
 
 
 def test_a_cancelled_call_waiting_for_the_engine_never_runs(engine) -> None:
-    counter = StepCounter(engine)
+    # an engine whose cache holds one LONG_RUN at a time: a second call waits in the queue for room
+    one_run = engine.build_run(PROMPT, n_workers=2, max_new_tokens=LONG_RUN["max_tokens"]).reservation_pages
+    small = HogwildEngine(
+        engine.model, engine.tokenizer, max_cache_bytes=int(1.5 * one_run) * engine.scheduler.pool.page_bytes
+    )
+    counter = StepCounter(small)
     queued_steps: list[int] = []
-    queued = ChatHogwild(engine=engine, hooks=Hooks(on_step=queued_steps.append), **LONG_RUN)
+    queued = ChatHogwild(engine=small, hooks=Hooks(on_step=queued_steps.append), **LONG_RUN)
 
     async def cancel_the_queued_call() -> None:
         first = asyncio.create_task(counter.model.ainvoke(PROMPT))
         await counter.wait_started()
         second = asyncio.create_task(queued.ainvoke(PROMPT))
-        await asyncio.sleep(0.2)  # the second call now waits for the engine
+        await asyncio.sleep(0.2)  # the second call now waits for room in the cache
+        assert small.scheduler.queued_runs == 1
         started = time.monotonic()
         second.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -176,7 +180,7 @@ def test_a_cancelled_call_waiting_for_the_engine_never_runs(engine) -> None:
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await first
-        counter.assert_stopped(engine)
+        counter.assert_stopped(small)
 
     asyncio.run(cancel_the_queued_call())
     assert queued_steps == []

@@ -10,8 +10,8 @@ from langchain_core.tools import tool
 
 from hogwild_agents.builtin_tools import calculator_tool
 from langchain_hogwild import ChatHogwild
-from langchain_hogwild._driver import iter_call
-from langchain_hogwild._events import worker_events
+from langchain_hogwild._driver import CallController
+from langchain_hogwild._events import event_payload
 
 
 @tool
@@ -26,20 +26,18 @@ def test_engine_tool_calls_run_inside_and_become_events(smol_engine):
     )
     spec = llm.bound._spec([HumanMessage("What is 6 * 7?")], None, llm.kwargs)
     assert spec.options["engine_tools"] and spec.options["tool_timeout_s"] == 30.0
-    steps = iter_call(smol_engine, spec)
-    events = []
-    try:
-        run, record = next(steps)
-        call = {"name": "calculator", "arguments": {"expression": "6 * 7"}}
+    call = {"name": "calculator", "arguments": {"expression": "6 * 7"}}
+    controller = CallController(spec)
+    started = controller.start
+
+    def start(run):  # worker 1 writes an in-engine call before anything else
+        started(run)
         run.force(1, f"<tool_call>{json.dumps(call)}</tool_call>")
-        while True:
-            run, record = steps.send(None)
-            events += worker_events(run, record)
-            for w in run.workers:
-                if w.waiting is not None and w.waiting.future is not None:
-                    w.waiting.future.result(timeout=10)
-    except StopIteration as stop:
-        outcome = stop.value
+
+    controller.start = start
+    handle = smol_engine.submit(spec.messages, controller=controller, **spec.options)
+    events = [p for p in map(event_payload, handle.events()) if p is not None]
+    outcome = controller.outcome(handle.result())
     shared = [e for e in events if e["worker"] is None]
     assert [e["source"] for e in shared] == ["tool_call", "tool_result"]
     assert "worker1 called calculator" in shared[0]["text"] and "42" in shared[1]["text"]
