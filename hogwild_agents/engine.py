@@ -65,6 +65,7 @@ class HogwildEngine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]  # ids the model can embed
         self.prompt_cache = PromptCache()  # K/V of the last prompt, reused by a run that extends it
         self._special_pattern: re.Pattern[str] | bool | None = None
+        self._no_mask = torch.zeros(1, 1, 1, 1, device=model.device)  # the hogwild attention needs none
         self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)
         if max_cache_bytes is None:
             if not 0 < cache_memory_fraction <= 1:
@@ -73,7 +74,9 @@ class HogwildEngine:
         elif max_cache_bytes <= 0:
             raise ValueError(f"max_cache_bytes must be > 0, got {max_cache_bytes}")
         self.scheduler = Scheduler(
-            self.forward, KVPool(self.kv_shape, self.rotations, max_cache_bytes), max_batch_tokens
+            lambda plan, attend: self.forward(plan, attend),  # looked up per call: wrappable
+            KVPool(self.kv_shape, self.rotations, max_cache_bytes),
+            max_batch_tokens,
         )
 
     @classmethod
@@ -184,6 +187,7 @@ class HogwildEngine:
             out = self.model(
                 input_ids=plan.input_ids,
                 position_ids=plan.position_ids,
+                attention_mask=self._no_mask,  # a 4D mask is used as given: no mask is built
                 use_cache=False,
                 logits_to_keep=plan.last_index,
                 hogwild_plan=plan,

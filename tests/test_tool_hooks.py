@@ -273,3 +273,24 @@ def test_parser_never_crashes_on_random_text(text):
         if match.valid:
             assert isinstance(match.name, str) and isinstance(match.arguments, dict)
     has_open_tool_call(text)
+
+
+def test_every_call_written_in_one_step_runs_in_order(tiny_engines):
+    engine = tiny_engines["llama"]
+    run = engine.start(
+        PROMPT,
+        n_workers=2,
+        protocol=named_script(PROMPT, 2),
+        max_new_tokens=40,
+        engine_tools=[calculator_tool()],
+    )
+    run.step()
+    run.force(0, call_text("calculator", expression="2 + 3") + call_text("calculator", expression="4 * 5"))
+    for _ in range(8):
+        run.step()
+        if len([e for e in run.trace if e.kind == "tool_result"]) == 2:
+            break
+    assert [c.arguments["expression"] for c in run.tool_calls] == ["2 + 3", "4 * 5"]
+    shared = engine.decode(run.cache.token_ids(0))
+    assert shared.index("→ 5") < shared.index("→ 20")  # both results, in call order
+    assert run.workers[0].waiting is None and not run.workers[0].finished

@@ -184,3 +184,38 @@ def test_a_cancelled_call_waiting_for_the_engine_never_runs(engine) -> None:
 
     asyncio.run(cancel_the_queued_call())
     assert queued_steps == []
+
+
+def test_a_sync_stream_read_from_many_threads_completes(engine) -> None:
+    """Each `next()` on a different pool thread (what Starlette's iterate_in_threadpool does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = ChatHogwild(engine=engine, **SAMPLED)
+    stream = model.stream(PROMPT, seed=5)
+    chunks = []
+    with ThreadPoolExecutor(4) as pool:
+        while True:
+            chunk = pool.submit(next, stream, None).result()
+            if chunk is None:
+                break
+            chunks.append(chunk)
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full += chunk
+    assert full.usage_metadata["output_tokens"] > 0 and full.response_metadata["workers"]
+    assert not engine.busy
+    assert_unchanged(engine, reply_of(ChatHogwild(engine=engine, **SAMPLED), seed=5))
+
+
+def test_a_half_read_stream_closed_from_another_thread_stops_its_run(engine) -> None:
+    counter = StepCounter(engine)
+    stream = counter.model.stream(PROMPT)
+    next(stream)
+    while not counter.started.is_set():
+        next(stream)
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive()
+    counter.assert_stopped(engine)
+    assert_unchanged(engine, reply_of(ChatHogwild(engine=engine, **SAMPLED), seed=5))
