@@ -251,6 +251,12 @@ class RunCache:
         cos, sin = self.rotations.cos_sin(torch.tensor(offset, device=k.device), torch.float32)
         return self.rotations.rotate(k.float(), cos, sin).to(k.dtype), v
 
+    def block_kv_all(self, group: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (at block-local positions) and V of a block's first `length` tokens over all layers:
+        [layers, kv_heads, length, head_dim]."""
+        block = self.blocks[group][slot]
+        return self.pool.read(None, block.pages[: pages_for(length)], length)
+
     # ---- writing -------------------------------------------------------------------------------
     def reserve(self, group: int, slot: int, n_tokens: int) -> int:
         """Make room for `n_tokens` more tokens in a block; return the local index they start at."""

@@ -23,6 +23,7 @@ from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
 from hogwild_agents.logits_processing import LogitsProcessorsArg
 from hogwild_agents.plan import ForwardPlan
+from hogwild_agents.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_BYTES
 from hogwild_agents.prompt_cache import PromptCache
 from hogwild_agents.results import HogwildResult, StepEvent, StepRecord
 from hogwild_agents.rotary import Rotations
@@ -39,7 +40,8 @@ class HogwildEngine:
     """One causal LM shared by every run. Submitted runs share forwards through one scheduler over one
     pooled KV cache, capped at `max_cache_bytes` (default: `cache_memory_fraction` of the device memory
     free when the engine is made); `max_batch_tokens` bounds the multi-token writes (prompt chunks,
-    forced and tool text) per forward."""
+    forced and tool text) per forward; `prefix_cache_bytes` bounds the K/V of recent prompts kept for
+    reuse by later runs."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class HogwildEngine:
         max_cache_bytes: int | None = None,
         cache_memory_fraction: float = 0.5,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES,
     ) -> None:
         check_rope_support(model.config)
         attention.register()
@@ -63,7 +66,7 @@ class HogwildEngine:
         self.max_positions = getattr(config, "max_position_embeddings", None) or 2**31
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]  # ids the model can embed
-        self.prompt_cache = PromptCache()  # K/V of the last prompt, reused by a run that extends it
+        self.prompt_cache = PromptCache(prefix_cache_bytes)  # K/V of recent prompts (and replies)
         self._special_pattern: re.Pattern[str] | bool | None = None
         self._no_mask = torch.zeros(1, 1, 1, 1, device=model.device)  # the hogwild attention needs none
         self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)

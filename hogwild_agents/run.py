@@ -358,7 +358,31 @@ class HogwildRun:
             yield from self._conclude()
         if controller is not None:
             controller.finish(self, stopped)
+        self._remember_sequence()
         return self.result()
+
+    def _remember_sequence(self) -> None:
+        """A single raw worker's view is the plain sequence prompt + reply, with the very K/V a plain
+        forward would give: keep it in the engine's prefix cache (a next turn re-sends it)."""
+        script = self.script
+        if len(self.workers) != 1 or any(e.worker is None for e in self.trace):
+            return
+        if script.own_header(0) or script.step_header(0, 1) or script.step_header(0, 2):
+            return
+        keys, values, ids = [], [], []
+        for seg in self.view(0):
+            if seg.visible:
+                k, v = self.cache.block_kv_all(seg.group, seg.slot, seg.visible)
+                if seg.offset and seg.group != SHARED:
+                    cos, sin = self.cache.rotations.cos_sin(
+                        torch.tensor(seg.offset, device=k.device), torch.float32
+                    )
+                    k = self.cache.rotations.rotate(k.float(), cos, sin).to(k.dtype)
+                keys.append(k)
+                values.append(v)
+                ids += self.cache.token_ids(seg.group, seg.slot)[: seg.visible]
+        if len(ids) > self.prompt_tokens:
+            self.engine.prompt_cache.store_kv(ids, torch.cat(keys, dim=2), torch.cat(values, dim=2))
 
     def _feed(self, rows: list[RowPlan]) -> RunProgram[torch.Tensor]:
         """One forward over `rows` (pages already reserved); commit their tokens; return the logits."""
