@@ -434,6 +434,7 @@ class HogwildRun:
             worker.step_ids.extend(ids)
             if ids:
                 self.trace.append(TraceEvent(0, worker.index, "header", worker.text))
+                self._notify(TokenEvent(worker.index, worker.name, worker.text, "header", 0))
         self.setup_done = True
 
     def _worker_row(self, worker: WorkerState, ids: Sequence[int]) -> RowPlan:
