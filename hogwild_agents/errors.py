@@ -20,3 +20,7 @@ class ContextLengthError(HogwildError, ValueError):
 class LogitsProcessorError(HogwildError, RuntimeError):
     """A logits processor raised or returned unusable scores. Nothing was chosen in that step; the run
     stays consistent and the next `step()` tries the choice again."""
+
+
+class GrammarError(HogwildError, ValueError):
+    """A schema or grammar cannot constrain output (invalid, unsupported, or a tokenizer it cannot use)."""
