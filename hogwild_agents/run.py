@@ -45,6 +45,7 @@ class RunLimits:
 
     max_new_tokens: int = 256
     max_total_tokens: int | None = None
+    max_context: int | None = None  # the longest view a worker may attend to (None: the model's context)
     stop: tuple[str, ...] = ()
     timeout_s: float | None = None  # wall-clock limit of the run; workers then finish with "timeout"
 
@@ -55,6 +56,8 @@ class RunLimits:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.max_total_tokens is not None and self.max_total_tokens <= 0:
             raise ValueError(f"max_total_tokens must be > 0, got {self.max_total_tokens}")
+        if self.max_context is not None and self.max_context <= 0:
+            raise ValueError(f"max_context must be > 0 tokens, got {self.max_context}")
 
 
 @dataclass
@@ -150,10 +153,11 @@ class HogwildRun:
             raise ValueError("The prompt is empty; give at least one token of prompt text.")
         self.prompt_tokens = len(prompt)
         self.prompt_ids = prompt
-        if len(prompt) >= engine.max_positions:
+        self.context_limit = min(engine.max_positions, limits.max_context or engine.max_positions)
+        if len(prompt) >= self.context_limit:
+            what = "the model's context" if self.context_limit == engine.max_positions else "max_context"
             raise ContextLengthError(
-                f"The prompt has {len(prompt)} tokens but the model's context is {engine.max_positions}; "
-                "shorten the prompt."
+                f"The prompt has {len(prompt)} tokens but {what} is {self.context_limit}; shorten the prompt."
             )
         # header slots: 0 others' header, 1..n own headers, n+1..2n the separator before worker i's step
         separator = engine.encode(script.others_separator) if layout == "combined" else []
@@ -479,7 +483,7 @@ class HogwildRun:
 
     def _at_context_limit(self, worker: WorkerState) -> bool:
         # a view is a subset of the stored blocks plus the pending tokens: check that bound first
-        limit = self.engine.max_positions
+        limit = self.context_limit
         if self.cache.tokens_stored + len(worker.pending) < limit:
             return False
         return self.view_length(worker.index) >= limit
