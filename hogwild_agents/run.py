@@ -336,6 +336,9 @@ class HogwildRun:
 
     def _choose(self, record: StepRecord) -> None:
         running = [w.index for w in self.workers if not w.finished]
+        for w in self.workers:  # the others' tokens just fed may have filled a view: no room for one more
+            if not w.finished and w.waiting is None and not w.pending and self._at_context_limit(w):
+                self._finish(w, "length")
         active = [w for w in self.workers if not w.finished and w.waiting is None]
         to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
         sampled = {}

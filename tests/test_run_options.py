@@ -44,7 +44,8 @@ def test_max_context_bounds_every_view(tiny_engines):
     longest = 0
     while not run.done:
         longest = max([longest, *run.step().view_lengths.values()])
-    assert longest == limit and all(w.finish_reason == "length" for w in run.workers)
+    # no view passes the limit, though each step adds two tokens to it (the worker's and the other's)
+    assert limit - 2 < longest <= limit and all(w.finish_reason == "length" for w in run.workers)
     with pytest.raises(ContextLengthError, match=f"max_context is {prompt_length}"):
         engine.start("Count with me: one two three", max_context=prompt_length)
     with pytest.raises(ValueError, match="max_context must be > 0"):
