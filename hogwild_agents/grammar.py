@@ -22,6 +22,7 @@ close the value, so the text is complete when the budget ends; a worker stopped 
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -134,7 +135,8 @@ def _grammar(lines: list[str], kind: str, *, opened: bool = False, what: str) ->
     source = llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
     error = llguidance.LLMatcher.validate_grammar(source)
     if error:
-        raise GrammarError(f"{what} cannot be used to constrain output: {error.splitlines()[0]}")
+        reason = re.sub(r"^at \d+\(\d+\): ", "", error.splitlines()[0])  # the position in our Lark text
+        raise GrammarError(f"{what} cannot be used to constrain output: {reason}. Fix the schema.")
     return Grammar(source, kind, opened)
 
 
@@ -257,6 +259,8 @@ class Constraint:
 
     `start`: the length of `input_ids` (prompt + the worker's stream) when the constraint is installed;
     None: the length at the first call. `budget`: tokens the worker may still sample (None: unbounded).
+    The processor sees a token only at the worker's next choice: after the run (or a step), call
+    `sync(prompt ids + the worker's stream)` before reading `text`, `complete` or `value()`.
     """
 
     def __init__(
