@@ -37,10 +37,11 @@ from hogwild_agents.tool_calls import CLOSE, OPEN, parse_tool_calls
 if TYPE_CHECKING:
     from hogwild_agents.engine import HogwildEngine
 
+SEPARATORS = (",", ":")  # compact JSON between items and after keys
 JSON_OPTIONS = {
-    "whitespace_flexible": False,  # compact JSON: no paragraph break can end a step inside a value
-    "item_separator": ",",
-    "key_separator": ":",
+    "whitespace_flexible": False,  # no free whitespace: no paragraph break can end a step inside a value
+    "item_separator": SEPARATORS[0],
+    "key_separator": SEPARATORS[1],
     "lenient": True,  # keywords llguidance does not implement (e.g. uniqueItems) are ignored, not refused
 }
 CLOSING_WINDOW = 64  # with a budget: tokens before its end from which the shortest completion is tracked
@@ -103,10 +104,8 @@ def tool_call_grammar(
         "call: " + " | ".join(f"call_{i}" for i in range(len(names))),
     ]
     for i, tool_name in enumerate(names):
-        head = (
-            json.dumps({"name": tool_name}, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"arguments":'
-        )
-        lines.append(f'call_{i}: {_lark_string(head)} args_{i} "}}"')
+        head = json.dumps({"name": tool_name, "arguments": 0}, ensure_ascii=False, separators=SEPARATORS)
+        lines.append(f'call_{i}: {_lark_string(head[: -len("0}")])} args_{i} "}}"')
         lines.append(_json_rule(f"args_{i}", parameters[tool_name]))
     kind = "tool_call"
     if or_json is not None:
@@ -258,7 +257,8 @@ class Constraint:
     """One worker's grammar constraint, used as a logits processor; see the module docstring.
 
     `start`: the length of `input_ids` (prompt + the worker's stream) when the constraint is installed;
-    None: the length at the first call. `budget`: tokens the worker may still sample (None: unbounded).
+    None: the length at the first call. `budget`: tokens the worker may still sample (None: unbounded;
+    tokens handed out by `forced_tokens` do not count).
     The processor sees a token only at the worker's next choice: after the run (or a step), call
     `sync(prompt ids + the worker's stream)` before reading `text`, `complete` or `value()`.
     """
@@ -276,6 +276,8 @@ class Constraint:
         self.fed = start  # input_ids consumed so far
         self.token_ids: list[int] = []  # the tokens the grammar took: the constrained text
         self.skipped = 0  # stream tokens the grammar refused (headers, interjections)
+        self.forced = 0  # tokens of the value handed out by `forced_tokens` (not sampled)
+        self._handed_out: list[int] = []  # forced tokens not yet seen in the stream
         self._plan: list[int] = []  # the closing path being followed, when the budget runs short
         self._next_check = 0  # tokens written before the closing path is looked for again
         self._finished: str | None = None
@@ -309,8 +311,36 @@ class Constraint:
                 self.skipped += 1
                 continue
             self.token_ids.append(token)
+            if self._handed_out:
+                if self._handed_out[0] == token:
+                    self.forced += 1
+                    self._handed_out = self._handed_out[1:]
+                else:
+                    self._handed_out = []
             if self._plan:
                 self._plan = self._plan[1:] if self._plan[0] == token else []
+
+    @property
+    def sampled(self) -> int:
+        """Tokens of the value the worker sampled (the rest were forced)."""
+        return len(self.token_ids) - self.forced
+
+    def forced_tokens(self) -> list[int]:
+        """The tokens the grammar allows no alternative to from here (a key, a tool's name, closing
+        brackets), for the caller to force into the worker's stream (`HogwildRun.force`): forced
+        tokens cost no sampling step and count against no budget."""
+        if self.matcher.is_stopped() or self._handed_out:
+            return []
+        forced = self.matcher.compute_ff_tokens()
+        try:  # the forced text as the tokenizer writes it (the way the model has seen such text)
+            text = self.matcher.compute_ff_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""
+        natural = self.engine.encode(text)
+        if natural and self.matcher.validate_tokens(natural) == len(natural):
+            forced = natural
+        self._handed_out = list(forced)
+        return list(forced)
 
     # ---- masking -------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -344,7 +374,7 @@ class Constraint:
         """With a budget about to end: the path that closes the value, once it needs (nearly) all the
         tokens left; empty otherwise. The path is looked for when CLOSING_WINDOW tokens are left, then
         again after half the slack it leaves (a token rarely adds more than one to the path)."""
-        written = len(self.token_ids)
+        written = self.sampled
         if self.budget is None or self._plan:
             return self._plan
         left = self.budget - written

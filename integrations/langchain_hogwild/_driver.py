@@ -108,6 +108,15 @@ class _Session:
         )
         run.logits_processors[worker] = [*own, constraint]
         self.guide = _Guide(worker, constraint, own)
+        self._fast_forward()
+
+    def _fast_forward(self) -> None:
+        """Force the tokens the grammar leaves no choice about (they cost no budget)."""
+        guide = self.guide
+        if guide is None or self.run.workers[guide.worker].finished:
+            return
+        if forced := guide.constraint.forced_tokens():
+            self.run.force(guide.worker, forced)
 
     def _unguide(self) -> None:
         if self.guide is not None:
@@ -152,6 +161,7 @@ class _Session:
         state = self.run.workers[guide.worker]
         guide.constraint.sync(self.run.prompt_ids + state.stream)
         if not self.guide_done:
+            self._fast_forward()
             return
         value = guide.constraint.value()
         if not isinstance(value, ParsedToolCall):
@@ -198,7 +208,7 @@ class _Session:
         text in a raw run (it is the answer), else the final answer's length in tokens."""
         engine = self.run.engine
         if self.guide is not None and (self.guide_done or self.calls):
-            return len(self.guide.constraint.token_ids)
+            return self.guide.constraint.sampled
         if self.calls:
             return sum(len(engine.encode(OPEN + call.raw)) for call in self.calls)
         if result.answer is None:
