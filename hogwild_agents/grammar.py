@@ -2,14 +2,19 @@
 grammar (a JSON schema, any JSON object, or a tool call), by llguidance's token masks.
 
     grammar = json_schema_grammar({"type": "object", "properties": {"city": {"type": "string"}}})
-    constraint = Constraint(engine, grammar)
-    run = engine.start(prompt, logits_processors={0: [constraint]})   # worker 0 writes the JSON
-    ...; constraint.value()                                            # the parsed object
+    constraint = Constraint(engine, grammar, budget=64)
+    run = engine.start(prompt, max_new_tokens=64, logits_processors={0: [constraint]})  # worker 0: JSON
+    while not run.done and not constraint.stopped:
+        run.step()
+    constraint.sync(run.prompt_ids + run.workers[0].stream)
+    constraint.value()                                                  # the parsed object
 
 A `Constraint` is a logits processor (transformers' convention, `processor(input_ids, scores)`): on each
 call it feeds its matcher the worker's tokens written since it was installed, then masks every token the
 grammar does not allow. Tokens the grammar refuses (a step header or an interjection the run put into
 the stream) are skipped, so the constrained text is only what the worker wrote under the grammar.
+`forced_tokens()` gives the text the grammar leaves no choice about (a key, a tool's name), for the
+caller to force into the stream (`run.force`): it then costs no sampling step and no budget.
 
 Output is compact JSON: no free whitespace, so no paragraph break can end a step inside it. Objects
 that list `properties` take no other keys unless the schema allows them (`additionalProperties`), as in
@@ -28,8 +33,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import llguidance
+import llguidance.hf
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from hogwild_agents.errors import GrammarError
 from hogwild_agents.tool_calls import CLOSE, OPEN, parse_tool_calls
@@ -47,7 +55,6 @@ JSON_OPTIONS = {
 CLOSING_WINDOW = 64  # with a budget: tokens before its end from which the shortest completion is tracked
 CLOSING_MARGIN = 2  # steer to the completion once it needs this many tokens fewer than are left, or more
 MAX_COMPLETION = 1024  # tokens `finish()` may add to close a value
-_CLOSERS = set('"]}')
 
 
 @dataclass(frozen=True)
@@ -129,8 +136,6 @@ def _lark_string(text: str) -> str:
 
 
 def _grammar(lines: list[str], kind: str, *, opened: bool = False, what: str) -> Grammar:
-    import llguidance
-
     source = llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
     error = llguidance.LLMatcher.validate_grammar(source)
     if error:
@@ -183,9 +188,6 @@ class GrammarTokenizer:
     engine's end-of-sequence ids, and a token order for closing values (built on first use)."""
 
     def __init__(self, engine: HogwildEngine) -> None:
-        import llguidance.hf
-        from transformers import PreTrainedTokenizerFast
-
         tokenizer = engine.tokenizer
         if not isinstance(tokenizer, PreTrainedTokenizerFast):
             raise GrammarError(
@@ -266,8 +268,6 @@ class Constraint:
     def __init__(
         self, engine: HogwildEngine, grammar: Grammar, *, start: int | None = None, budget: int | None = None
     ) -> None:
-        import llguidance
-
         self.engine, self.grammar, self.budget = engine, grammar, budget
         self.info = grammar_tokenizer(engine)
         self.matcher = llguidance.LLMatcher(self.info.llg, grammar.source, log_level=0)
