@@ -3,6 +3,7 @@
 from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.errors import (
     ContextLengthError,
+    GrammarError,
     HogwildError,
     LogitsProcessorError,
     ModelLoadError,
@@ -18,6 +19,7 @@ __all__ = [
     "LAYOUTS",
     "ContextLengthError",
     "EngineTool",
+    "GrammarError",
     "HogwildEngine",
     "HogwildError",
     "HogwildResult",

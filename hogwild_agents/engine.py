@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hogwild_agents import attention
 from hogwild_agents.cache import KVPool, KVShape
 from hogwild_agents.handle import RunHandle
-from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, Hooks, ToolRunner
+from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
 from hogwild_agents.logits_processing import LogitsProcessorsArg
 from hogwild_agents.plan import ForwardPlan
@@ -220,6 +220,27 @@ class HogwildEngine:
             self.tokenizer, prompt, n_workers, layout, tools=list(tools) if tools else None
         )
 
+    def prompt_token_ids(
+        self,
+        prompt: Messages | Sequence[int],
+        *,
+        n_workers: int = 2,
+        layout: str = "combined",
+        protocol: Any = None,
+        tools: Sequence[dict] | None = None,
+        engine_tools: Sequence[Any] | ToolRunner | None = None,
+        **_run_options: Any,
+    ) -> list[int]:
+        """The prompt tokens `start` prefills for this prompt and these options (what the run's
+        `usage.prompt_tokens` counts); accepts every option of `start` and ignores those that do not
+        shape the prompt."""
+        if not isinstance(prompt, str) and prompt and isinstance(prompt[0], int):
+            return [int(t) for t in prompt]
+        schemas = _engine_tool_schemas(engine_tools)
+        return self.encode(
+            self.script(prompt, n_workers, layout, protocol, [*(tools or ()), *schemas]).prompt
+        )
+
     def start(self, prompt: Messages | Sequence[int], **options: Any) -> HogwildRun:
         """Prefill the prompt and return a run to drive with `step()` (its own cache; not scheduled).
         Options: see `build_run`."""
@@ -276,6 +297,7 @@ class HogwildEngine:
         protocol: Any = None,
         max_new_tokens: int = 256,
         max_total_tokens: int | None = None,
+        max_context: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -289,7 +311,6 @@ class HogwildEngine:
         attention: str = "fast",
         record_views: bool = False,
         logits_processors: LogitsProcessorsArg = None,
-        max_context: int | None = None,
         pool: KVPool | None = None,
     ) -> HogwildRun:
         """A run, validated and ready to prefill (nothing is computed yet).
@@ -302,13 +323,15 @@ class HogwildEngine:
         or typed callables): a call written by any worker runs with `tool_timeout_s`, and its result
         becomes a shared block every worker sees; their schemas join `tools` in the prompt.
         `hooks`: callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished).
+        `max_context`: the longest view a worker may attend to (prompt, shared history and steps), below
+        the model's own context: a longer prompt is refused, and a worker whose view reaches it finishes
+        with "length".
         `attention`: "fast" (batched matmuls), "triton" (a Triton kernel, CUDA) or "eager" (reference).
         `record_views`: put each fed worker's exact view (token ids) into its StepRecord (for inspection
         and tests; it copies every view, every step).
         `logits_processors`: transformers-style `LogitsProcessor`s (called as processor(input_ids, scores))
         applied to every worker's sampled tokens, or {worker index: processors} for some workers only;
         `input_ids` is the prompt followed by that worker's stream. StepRecord.logits stays the model's.
-        `max_context`: a context limit below the model's own (every worker's view stays within it).
         `pool`: the KV pool the run's cache lives in (None: a private one).
         """
         if not 1 <= n_workers <= MAX_WORKERS:
@@ -321,7 +344,7 @@ class HogwildEngine:
         runner = engine_tools
         if engine_tools is not None and not isinstance(engine_tools, ToolRunner):
             runner = ToolRunner(engine_tools, timeout_s=tool_timeout_s)
-        prompt_tools = [*(tools or ()), *(runner.schemas if runner else ())]
+        prompt_tools = [*(tools or ()), *_engine_tool_schemas(runner)]
         script = self.script("" if token_prompt else prompt, n_workers, layout, protocol, prompt_tools)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         return HogwildRun(
@@ -334,7 +357,7 @@ class HogwildEngine:
                 max_total_tokens=max_total_tokens,
                 stop=stops,
                 timeout_s=timeout_s,
-                max_positions=max_context,
+                max_context=max_context,
             ),
             attention=attention,
             prompt_ids=list(prompt) if token_prompt else None,
@@ -345,6 +368,13 @@ class HogwildEngine:
             logits_processors=logits_processors,
             pool=pool,
         )
+
+
+def _engine_tool_schemas(engine_tools: Sequence[Any] | ToolRunner | None) -> list[dict[str, Any]]:
+    """The prompt schemas of in-engine tools (a runner's, or those of the tools it would be made of)."""
+    if isinstance(engine_tools, ToolRunner):
+        return engine_tools.schemas
+    return [EngineTool.from_any(tool).schema for tool in engine_tools or ()]
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -28,3 +28,7 @@ class CacheCapacityError(HogwildError, RuntimeError):
 
 class RunCancelledError(HogwildError, RuntimeError):
     """The run was cancelled before it produced a result."""
+
+
+class GrammarError(HogwildError, ValueError):
+    """A schema or grammar cannot constrain output (invalid, unsupported, or a tokenizer it cannot use)."""

@@ -250,6 +250,19 @@ def load_model_and_tokenizer(
     return loaded.to(target_device).eval(), tokenizer
 
 
+def model_config(model: str | os.PathLike | None = None) -> Any | None:
+    """The model's config when it can be read without loading weights or converting anything: a model
+    directory's config.json, or the embedded model once converted; None otherwise (a .gguf file, whose
+    metadata takes seconds to read, a model id, or custom code)."""
+    source = cache_dir() / DEFAULT_MODEL_NAME if model is None else Path(model)
+    if not (source / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+
+
 def _load_error(model: Any, error: Exception, hint: str) -> ModelLoadError:
     """A loading failure as a ModelLoadError; transformers' refusals to run custom code name the option."""
     if "trust_remote_code" in str(error):

@@ -64,13 +64,13 @@ FINISHER_TOKENS = 32  # tokens the finisher's answer may take
 @dataclass(frozen=True)
 class RunLimits:
     """Token budgets of a run. `max_total_tokens` counts sampled tokens over all workers;
-    `max_positions` caps every worker's view below the model's own context (None: the model's)."""
+    `max_context` caps every worker's view below the model's own context (None: the model's)."""
 
     max_new_tokens: int = 256
     max_total_tokens: int | None = None
     stop: tuple[str, ...] = ()
     timeout_s: float | None = None  # wall-clock limit of the run; workers then finish with "timeout"
-    max_positions: int | None = None
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.timeout_s is not None and not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
@@ -79,8 +79,8 @@ class RunLimits:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.max_total_tokens is not None and self.max_total_tokens <= 0:
             raise ValueError(f"max_total_tokens must be > 0, got {self.max_total_tokens}")
-        if self.max_positions is not None and self.max_positions <= 1:
-            raise ValueError(f"max_positions (max_context) must be > 1, got {self.max_positions}")
+        if self.max_context is not None and self.max_context <= 0:
+            raise ValueError(f"max_context must be > 0 tokens, got {self.max_context}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ class HogwildRun:
         self.setup_done = False
         self.trace: list[TraceEvent] = []  # every text a worker chose and every injected block, in order
         self._listeners: list[Callable[[RunEvent], None]] = []
-        self.max_positions = min(engine.max_positions, limits.max_positions or engine.max_positions)
+        self.max_positions = min(engine.max_positions, limits.max_context or engine.max_positions)
         n = len(script.worker_names)
         self.workers = [
             WorkerState(i, name, engine.decode, budget=limits.max_new_tokens)
@@ -216,10 +216,15 @@ class HogwildRun:
         first_steps = [engine.encode(script.step_header(i, 1)) for i in range(n)]
         needed = len(prompt) + max(len(self._headers[1 + i]) + len(first_steps[i]) for i in range(n)) + 1
         if needed > self.max_positions:
+            what = "max_context" if self.max_positions < engine.max_positions else "the model's context"
+            headers = (
+                f" (with the protocol's headers, {needed} to write a first token)"
+                if needed > len(prompt) + 1
+                else ""
+            )
             raise ContextLengthError(
-                f"The prompt has {len(prompt)} tokens; with the protocol's headers a worker needs {needed} "
-                f"positions to write its first token, but the context is {self.max_positions}; shorten "
-                "the prompt (or raise max_context)."
+                f"The prompt has {len(prompt)} tokens{headers}, but {what} is {self.max_positions}; "
+                "shorten the prompt" + (" or raise max_context." if what == "max_context" else ".")
             )
         self._first_steps = first_steps
         self.pool = pool if pool is not None else engine.new_pool()
@@ -515,6 +520,9 @@ class HogwildRun:
 
     def _choose(self, record: StepRecord) -> None:
         running = [w.index for w in self.workers if not w.finished]
+        for w in self.workers:  # the others' tokens just fed may have filled a view: no room for one more
+            if not w.finished and w.waiting is None and not w.pending and self._at_context_limit(w):
+                self._finish(w, "length")
         active = [w for w in self.workers if not w.finished and w.waiting is None]
         to_sample = [w for w in active if not (w.forced or w.header_due or self._interjection_due(w))]
         sampled: dict[int, int] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar, Token
@@ -16,18 +17,23 @@ from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput, ModelProfile
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_messages
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
+from transformers import RepetitionPenaltyLogitsProcessor
 
 from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.errors import HogwildError
+from hogwild_agents.grammar import json_schema_grammar, tool_call_grammar
 from hogwild_agents.hooks import Hooks
+from hogwild_agents.loading import model_config
+from hogwild_agents.logits_processing import LogitsProcessorsArg, per_worker_processors
 from hogwild_agents.tool_calls import OPEN
 from langchain_hogwild._calls import CallGroup, stream_calls
 from langchain_hogwild._driver import CallSpec, Outcome, submit_call
@@ -42,7 +48,8 @@ from langchain_hogwild._events import (
 )
 from langchain_hogwild._messages import to_chat_messages, with_system_text
 from langchain_hogwild._output import message_fields
-from langchain_hogwild._registry import get_engine
+from langchain_hogwild._profile import model_profile
+from langchain_hogwild._registry import get_engine, loaded, release
 from langchain_hogwild._streaming import ChunkMaker
 from langchain_hogwild._tools import (
     normalize_tool_choice,
@@ -52,15 +59,20 @@ from langchain_hogwild._tools import (
 )
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+PROVIDER = "hogwild"
 _CALL_OPTIONS = (
     "n_workers",
     "protocol",
     "layout",
     "temperature",
     "top_p",
+    "top_k",
+    "repetition_penalty",
     "max_tokens",
+    "max_context",
     "seed",
     "timeout_s",
+    "reasoning",
 )
 
 
@@ -69,8 +81,10 @@ class ChatHogwild(BaseChatModel):
     once over one shared KV cache, each seeing the others' tokens as they appear.
 
     The returned AIMessage's content is the run's final answer; every worker's transcript is in
-    `additional_kwargs["reasoning_content"]` and `response_metadata["workers"]`. `usage_metadata` counts
-    the shared prompt once and the tokens of all workers.
+    `additional_kwargs["reasoning_content"]` and `response_metadata["workers"]` (`reasoning=False` leaves
+    them out). `usage_metadata` counts the shared prompt once and the tokens of all workers, the workers'
+    tokens that are not the answer as `output_token_details["reasoning"]`; `response_metadata` has
+    `model_provider` and `timings` (total, prefill and decode seconds).
 
     Streaming: every worker's tokens are sent live as custom events named "hogwild_token" (data:
     worker, name, text, source, step; see `astream_events` / `on_custom_event`), so a UI can show all
@@ -82,18 +96,21 @@ class ChatHogwild(BaseChatModel):
     Tools (`bind_tools`): schemas go into the prompt (through the chat template when it renders tools,
     else as a system text in the default `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
     format). The first complete call by any worker ends the run. `tool_choice` "any"/"required" or a
-    tool's name is enforced: worker 0 is made to write the call's opening, the tool name and the
-    argument keys, and writes the argument values itself.
+    tool's name is enforced, and so is a call a worker opens by itself: a grammar (llguidance) allows
+    worker 0 (or that worker) only tokens that keep the text a call of a bound tool whose arguments
+    validate against its parameters schema.
 
     Structured output: "function_calling" (default) is a forced tool call; "json_schema" and
-    "json_mode" force a JSON object with the schema's keys into worker 0's stream, the model writing
-    the values. Integer, number and boolean values (here and in enforced tool arguments) are
-    constrained while written: only tokens that keep them valid JSON of their type can be sampled.
+    "json_mode" (with or without a schema) make worker 0 write compact JSON under the schema's grammar,
+    so the answer always parses and validates (strings, arrays, enums, nested and optional fields,
+    bounded numbers, ...). With tools bound too and tool_choice auto, worker 0 writes either a tool call
+    or the JSON answer. A worker that runs out of tokens mid-value is steered to close it in time.
 
     Weights load on first use; instances with the same (model, device, dtype) share one engine, and
     calls on one engine run one at a time (async calls run in a worker thread). Cancelling an async
     call, or closing a stream early (`break` out of `stream`, `aclose()` on `astream`), stops its run
-    between two steps and frees the engine.
+    between two steps and frees the engine. `close()` (or leaving a `with ChatHogwild(...) as llm:`
+    block) unloads the shared weights once no other open instance uses them.
     """
 
     model: str | None = None
@@ -104,8 +121,19 @@ class ChatHogwild(BaseChatModel):
     layout: Literal["combined", "interleaved", "contiguous"] = "combined"
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: no limit)."""
+    repetition_penalty: float = 1.0
+    """Divide the scores of tokens already in the prompt or the worker's own stream by this (> 1
+    penalises repeats; 1.0: off), as transformers' RepetitionPenaltyLogitsProcessor does."""
     max_tokens: int = 256
     """Tokens each worker may generate."""
+    max_context: int | None = None
+    """The longest view (tokens) a worker may attend to: prompt, shared history and steps; None: the
+    model's context. A longer prompt is refused (ContextLengthError); a worker reaching it stops."""
+    reasoning: bool = True
+    """Return the workers' transcripts (`reasoning_content`, worker texts in `response_metadata`);
+    False: only the answer (the workers still collaborate)."""
     stop: list[str] | None = None
     seed: int | None = None
     device: str | None = None
@@ -130,6 +158,7 @@ class ChatHogwild(BaseChatModel):
     `HogwildEngine.start`)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
+    _closed: bool = PrivateAttr(default=False)
 
     # ---- identity --------------------------------------------------------------------------------
     @property
@@ -149,13 +178,16 @@ class ChatHogwild(BaseChatModel):
             "layout": self.layout,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
             "max_tokens": self.max_tokens,
+            "max_context": self.max_context,
             "seed": self.seed,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
-            ls_provider="hogwild",
+            ls_provider=PROVIDER,
             ls_model_name=kwargs.get("model") or self.model_name,
             ls_model_type="chat",
             ls_temperature=kwargs.get("temperature", self.temperature),
@@ -167,20 +199,66 @@ class ChatHogwild(BaseChatModel):
 
     def get_engine(self) -> HogwildEngine:
         """The engine this model runs on (loaded now if needed)."""
-        return self.engine if self.engine is not None else get_engine(self.model, self.device, self.dtype)
+        if self._closed:
+            raise HogwildError("This ChatHogwild was closed; create a new instance to use the model again.")
+        if self.engine is not None:
+            return self.engine
+        engine = get_engine(self.model, self.device, self.dtype, user=self)
+        if self.profile is not None and "max_input_tokens" not in self.profile:  # known only now
+            for key, value in model_profile(self.model_name, engine.model.config, self.max_context).items():
+                self.profile.setdefault(key, value)
+        return engine
+
+    # ---- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop using the engine: the shared weights are dropped (and freed once nothing else holds
+        them) when no other open ChatHogwild with the same (model, device, dtype) uses them. A closed
+        instance refuses further calls. A run in progress finishes first."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.engine is None and release(self.model, self.device, self.dtype, self):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> ChatHogwild:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- model facts -----------------------------------------------------------------------------
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        """Capabilities, and the context size when the config can be read without loading weights
+        (filled in when the engine loads otherwise)."""
+        if self.engine is not None:
+            config = self.engine.model.config
+        elif (engine := loaded(self.model, self.device, self.dtype)) is not None:
+            config = engine.model.config
+        else:
+            config = _config(self.model)
+        return model_profile(self.model_name, config, self.max_context)
 
     # ---- tokens ----------------------------------------------------------------------------------
-    def get_num_tokens(self, text: str) -> int:
-        return len(self.get_engine().encode(text))
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of `text` with the model's own tokenizer (no special tokens added)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self.get_engine().encode(text)
 
     def get_num_tokens_from_messages(
-        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None, **kwargs: Any
     ) -> int:
-        """Tokens of the prompt these messages (and tools) render to, with the model's own tokenizer."""
-        schemas = [convert_to_openai_tool(t) for t in tools or ()]
-        engine = self.get_engine()
-        chat, native = self._chat_messages(engine, messages, schemas, None)
-        return len(engine.encode(engine.chat_prompt(chat, schemas if native else None)))
+        """Exactly the prompt tokens a call with these messages (and tools, and call options such as
+        n_workers, protocol or response_format in `kwargs`) feeds the model: chat template, protocol
+        text, tool descriptions and structured-output instructions included. The call's own
+        `usage_metadata["input_tokens"]` is the same number."""
+        if tools:
+            kwargs = {**kwargs, "tools": [convert_to_openai_tool(t) for t in tools]}
+        spec = self._spec(convert_to_messages(messages), None, kwargs)
+        return len(self.get_engine().prompt_token_ids(spec.messages, **spec.options))
 
     # ---- tools and structured output ---------------------------------------------------------------
     def bind_tools(
@@ -193,7 +271,9 @@ class ChatHogwild(BaseChatModel):
         """Bind tools (anything `convert_to_openai_tool` takes). `tool_choice`: "auto"/None, "none",
         "any"/"required"/True (some tool must be called), or a tool's name (that tool must be called)."""
         schemas = [convert_to_openai_tool(t) for t in tools]
-        normalize_tool_choice(tool_choice, [s["function"]["name"] for s in schemas])  # fail early
+        choice = normalize_tool_choice(tool_choice, [s["function"]["name"] for s in schemas])  # fail early
+        if choice not in (None, "none") and schemas:
+            tool_call_grammar(schemas, None if choice == "any" else choice)  # a schema it cannot enforce
         return super().bind(tools=schemas, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
@@ -205,8 +285,8 @@ class ChatHogwild(BaseChatModel):
         strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict | Any]:
-        """Structured output as a forced tool call ("function_calling") or guided JSON text
-        ("json_schema"; "json_mode" too, guided by `schema` when one is given)."""
+        """Structured output as a forced tool call ("function_calling") or grammar-constrained JSON text
+        ("json_schema"; "json_mode" too: valid against `schema` when one is given, else any object)."""
         if method == "function_calling":
             return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
         if method not in ("json_schema", "json_mode"):
@@ -214,6 +294,8 @@ class ChatHogwild(BaseChatModel):
         if kwargs:
             raise ValueError(f"Unsupported arguments {kwargs}")
         json_schema = convert_to_json_schema(schema) if schema is not None else {}
+        if json_schema:
+            json_schema_grammar(json_schema)  # a schema that cannot constrain output fails here
         llm = self.bind(
             response_format={"type": "json_schema", "schema": json_schema},
             ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
@@ -267,8 +349,10 @@ class ChatHogwild(BaseChatModel):
             "layout": settings["layout"],
             "protocol": settings["protocol"],
             "max_new_tokens": settings["max_tokens"],
+            "max_context": settings["max_context"],
             "temperature": settings["temperature"],
             "top_p": settings["top_p"],
+            "top_k": settings["top_k"],
             "seed": settings["seed"],
             "stop": list(stops or ()),
             "tools": tools if tools and native else None,
@@ -277,12 +361,23 @@ class ChatHogwild(BaseChatModel):
             "hooks": self.hooks,
             "timeout_s": settings["timeout_s"],
             "attention": self.attention,
-            "logits_processors": self.logits_processors,
+            "logits_processors": _with_repetition_penalty(
+                self.logits_processors, settings["repetition_penalty"], settings["n_workers"]
+            ),
         }
-        return CallSpec(chat, options, tools, choice, json_schema)
+        return CallSpec(
+            chat,
+            options,
+            tools,
+            choice,
+            json_schema,
+            reasoning=bool(settings["reasoning"]),
+            parallel_tool_calls=bool(kwargs.get("parallel_tool_calls", True)),
+        )
 
     def _settings(self, spec: CallSpec) -> dict[str, Any]:
         return {
+            "model_provider": PROVIDER,
             "model_name": self.model_name,
             "protocol": spec.options["protocol"],
             "layout": spec.options["layout"],
@@ -290,12 +385,12 @@ class ChatHogwild(BaseChatModel):
         }
 
     def _result(self, outcome: Outcome, spec: CallSpec) -> ChatResult:
-        fields = message_fields(outcome, self._settings(spec))
+        fields = message_fields(outcome, self._settings(spec), reasoning=spec.reasoning)
         info = {"finish_reason": fields["response_metadata"]["finish_reason"]}
         return ChatResult(generations=[ChatGeneration(message=AIMessage(**fields), generation_info=info)])
 
     def _last_chunk(self, outcome: Outcome, spec: CallSpec, content: str | list) -> ChatGenerationChunk:
-        fields = message_fields(outcome, self._settings(spec))
+        fields = message_fields(outcome, self._settings(spec), reasoning=spec.reasoning)
         chunks = to_call_chunks(fields.pop("tool_calls"), fields.pop("invalid_tool_calls"))
         fields["content"] = content
         message = AIMessageChunk(**fields, tool_call_chunks=chunks, chunk_position="last")
@@ -307,7 +402,7 @@ class ChatHogwild(BaseChatModel):
         live = raw and not spec.tools and spec.json_schema is None
         return ChunkMaker(
             answer_holds=[*spec.options["stop"], OPEN] if live else None,
-            reasoning=not raw,
+            reasoning=spec.reasoning and not raw,
             n_workers=spec.options["n_workers"],
         )
 
@@ -490,6 +585,24 @@ def _reset(var: ContextVar[Any], token: Token[Any]) -> None:
     """Undo `var.set`; a stream finalized from another context cannot, and need not."""
     with contextlib.suppress(ValueError):
         var.reset(token)
+
+
+@functools.lru_cache(maxsize=16)
+def _config(model: str | None) -> Any:
+    """The model's config if readable without loading it (read once per model)."""
+    return model_config(model)
+
+
+def _with_repetition_penalty(
+    processors: LogitsProcessorsArg, penalty: float, n_workers: int
+) -> LogitsProcessorsArg:
+    """The caller's logits processors, with transformers' repetition penalty first for every worker."""
+    if penalty == 1.0:
+        return processors
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {penalty}")
+    penalise = RepetitionPenaltyLogitsProcessor(penalty)
+    return {w: [penalise, *own] for w, own in enumerate(per_worker_processors(processors, n_workers))}
 
 
 def _json_instructions(schema: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -229,3 +230,49 @@ def test_logits_processors_steer_the_workers(shared_smol_engine) -> None:
     assert steered["text"].endswith(" blue" * steered["generated_tokens"])
     assert steered["generated_tokens"] == RAW["max_tokens"]
     assert free["text"] != steered["text"]
+
+
+def _forcing_calls(spec, calls_by_worker: dict[int, list[dict]]):
+    """A call controller whose workers are made to write these tool calls before anything else."""
+    from langchain_hogwild._driver import CallController
+
+    controller = CallController(spec)
+    started = controller.start
+
+    def start(run) -> None:
+        started(run)
+        for worker, calls in calls_by_worker.items():
+            run.force(worker, "".join(f"<tool_call>{json.dumps(c)}</tool_call>" for c in calls))
+
+    controller.start = start
+    return controller
+
+
+def test_parallel_tool_calls_from_several_workers_and_one_worker(smol_engine) -> None:
+    llm = ChatHogwild(engine=smol_engine, **RAW).bind_tools([get_weather, add])
+    spec = llm.bound._spec([HumanMessage("Weather in Paris and Rome, and 2 + 3?")], None, llm.kwargs)
+    calls = {
+        0: [
+            {"name": "get_weather", "arguments": {"city": "Paris"}},
+            {"name": "get_weather", "arguments": {"city": "Rome"}},
+        ],
+        1: [{"name": "add", "arguments": {"a": 2, "b": 3}}],
+    }
+    controller = _forcing_calls(spec, calls)
+    handle = smol_engine.submit(spec.messages, controller=controller, **spec.options)
+    outcome = controller.outcome(handle.result())
+    assert [(c.name, c.arguments) for c in outcome.tool_calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Rome"}),
+        ("add", {"a": 2, "b": 3}),
+    ]
+    message = llm.bound._result(outcome, spec).generations[0].message
+    assert len({call["id"] for call in message.tool_calls}) == 3
+    assert outcome.result.steps < RAW["max_tokens"]  # the calls ended the run, not the budget
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+    single = ChatHogwild(engine=smol_engine, **RAW).bind_tools([get_weather, add], parallel_tool_calls=False)
+    spec = single.bound._spec([HumanMessage("Weather?")], None, single.kwargs)
+    controller = _forcing_calls(spec, calls)
+    handle = smol_engine.submit(spec.messages, controller=controller, **spec.options)
+    assert len(controller.outcome(handle.result()).tool_calls) == 1

@@ -1,4 +1,4 @@
-"""The tool-call parser and the guided-writing value scanner."""
+"""The tool-call parser."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from hogwild_agents.tool_calls import (
     open_tag_prefix_length,
     parse_tool_calls,
 )
-from langchain_hogwild._guided import closest_name, coerce, salvage, scan_value, skip_written
 
 
 def test_valid_malformed_and_unclosed_calls() -> None:
@@ -45,32 +44,9 @@ def test_parser_never_crashes_on_random_text(text: str) -> None:
         if call.valid:
             assert isinstance(call.name, str) and isinstance(call.arguments, dict)
     find_complete_tool_call(text)
-    scan_value(text)
-    salvage(text, '"')
-    salvage(text, "")
 
 
 @given(st.text(max_size=200))
 def test_parser_never_crashes_on_any_unicode(text: str) -> None:
     parse_tool_calls(text)
     parse_tool_calls("<tool_call>" + text)
-
-
-def test_scan_value() -> None:
-    assert scan_value('"abc", "x') == ("complete", "abc", 5)
-    assert scan_value(" 3") == ("partial", None, 0)  # more digits may follow
-    assert scan_value(" 3}}")[:2] == ("complete", 3)
-    assert scan_value('{"a": [1') == ("partial", None, 0)
-    assert scan_value("abc")[0] == "invalid"
-    assert salvage('"unfinished', '"') == ("unfinished", '"')
-    assert salvage('{"a": 1', "{") == ({"a": 1}, "}")
-
-
-def test_coercion_and_names() -> None:
-    assert coerce("3", {"type": "integer"}) == 3
-    assert coerce(2.0, {"type": "integer"}) == 2
-    assert coerce("redd", {"type": "string", "enum": ["red", "blue"]}) == "red"
-    assert closest_name("magic_func", ["get_weather", "magic_function"]) == "magic_function"
-    assert closest_name("", ["a", "b"]) == "a"
-    assert skip_written(",", ', "b": ') == ' "b": '
-    assert skip_written("}", ', "b": ') == ', "b": '
