@@ -28,3 +28,7 @@ class CacheCapacityError(HogwildError, RuntimeError):
 
 class RunCancelledError(HogwildError, RuntimeError):
     """The run was cancelled before it produced a result."""
+
+
+class EvalError(HogwildError, ValueError):
+    """An evaluation's dataset, grid, checker or results database cannot be used as given."""
