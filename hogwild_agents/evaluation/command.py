@@ -11,7 +11,7 @@ from rich.table import Table
 from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.errors import HogwildError
 from hogwild_agents.evaluation.checkers import CHECKERS, DEFAULT_TOLERANCE, make_checker
-from hogwild_agents.evaluation.datasets import ANSWER_FIELDS, QUESTION_FIELDS, load_dataset
+from hogwild_agents.evaluation.datasets import ANSWER_FIELDS, DEFAULT_GYM_SIZE, QUESTION_FIELDS, load_dataset
 from hogwild_agents.evaluation.grid import BASELINES, build_grid, parse_list
 from hogwild_agents.evaluation.report import summarise, write_report
 from hogwild_agents.evaluation.runner import EvalSettings, run_eval
@@ -21,11 +21,12 @@ from hogwild_agents.protocol import Protocol
 DEFAULT_OUT = "hogwild-eval"
 EVAL_HELP = f"""Run a grid of configurations over a dataset and plot accuracy against the budget.
 
-DATASET is a JSONL file (one {{"question": ..., "answer": ...}} object per line; other accepted field
-names: {", ".join(QUESTION_FIELDS[1:])} for the question, {", ".join(ANSWER_FIELDS[1:])} for the answer)
-or a reasoning-gym generator such as gym:countdown, gym:basic_arithmetic or gym:gsm_symbolic (options as
-gym:countdown?max_numbers=4). Results go to an SQLite database; running the same command again resumes
-where it stopped."""
+DATASET is a JSONL file, one {{"question": ..., "answer": ...}} object per line (also accepted:
+question fields {", ".join(QUESTION_FIELDS[1:])};
+answer fields {", ".join(ANSWER_FIELDS[1:])}),
+or a reasoning-gym generator such as gym:countdown, gym:basic_arithmetic or gym:gsm_symbolic
+(options as gym:countdown?max_numbers=4). Results go to an SQLite database; running the same
+command again resumes where it stopped."""
 
 
 def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
@@ -71,7 +72,9 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_TOLERANCE,
         help="relative/absolute tolerance of numeric checks",
     )
-    ev.add_argument("--limit", type=int, default=None, help="number of problems (a seeded sample)")
+    ev.add_argument(
+        "--limit", type=int, default=None, help=f"problems, a seeded sample (gym default {DEFAULT_GYM_SIZE})"
+    )
     ev.add_argument("--seed", type=int, default=0, help="seed of the sample and of sampling (default 0)")
     ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
     ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
@@ -109,6 +112,9 @@ def eval_command(args: argparse.Namespace) -> int:
         return _eval(args)
     except HogwildError as err:
         raise SystemExit(f"hogwild eval: {err}") from None
+    except KeyboardInterrupt:
+        print("\ninterrupted: the rows computed so far are stored; run the same command to resume")
+        return 130
 
 
 def eval_report_command(args: argparse.Namespace) -> int:

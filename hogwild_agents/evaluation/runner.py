@@ -52,6 +52,8 @@ class EvalSettings:
             raise EvalError(f"--budgets must list positive token budgets, got {list(self.budgets)}.")
         if self.batch_size < 1:
             raise EvalError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.interjection_period is not None and self.interjection_period < 1:
+            raise EvalError(f"--interjection-period must be at least 1, got {self.interjection_period}.")
         if self.temperature <= 0 and any(c.method == "vote" for c in configs):
             raise EvalError(
                 "A vote needs different samples: give --temperature > 0, or drop the vote baseline "
@@ -143,6 +145,7 @@ def run_eval(
         for chunk in _chunks(todo, settings.batch_size):
             work.do_chunk(chunk, have)
         work.report("done")
+        bar.update(task, completed=bar.tasks[0].total)
     return store.results()
 
 
