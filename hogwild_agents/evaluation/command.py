@@ -180,16 +180,18 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_summary(rows, configs) -> None:
-    table = Table("budget", "problems", "accuracy", "forward passes", "tokens", "wall s")
-    table.add_column("configuration", no_wrap=True)
+    table = Table("configuration", "budget", "problems", "accuracy", "forward passes", "tokens", "wall s")
     for p in summarise(rows, configs):
         table.add_row(
+            p.config.label,
             str(p.budget),
             str(p.problems),
             f"{100 * p.accuracy:.1f}%",
             f"{p.forward_passes:.1f}",
             f"{p.tokens:.1f}",
             f"{p.wall_s:.2f}",
-            p.config.label,
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a file or a pipe: no need to fold the table into 80 columns
+        console = Console(width=120)
+    console.print(table)

@@ -15,6 +15,7 @@ import html
 import io
 import math
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from hogwild_agents.errors import EvalError
-from hogwild_agents.evaluation.datasets import INSTALL_HINT
+from hogwild_agents.evaluation.datasets import INSTALL_HINT, Problem
 from hogwild_agents.evaluation.grid import Config, RunSpec
 from hogwild_agents.evaluation.store import ResultRow, ResultStore
 
@@ -63,7 +64,7 @@ class Source:
 
     name: str
     meta: dict[str, str]
-    problems: list
+    problems: list[Problem]
     configs: list[Config]
     rows: list[ResultRow]
     store: ResultStore
@@ -109,6 +110,7 @@ def plot_png(sources: Sequence[Source]) -> bytes:
     configuration (per database: solid, then dashed); budgets label the points."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise EvalError(f"The eval report needs matplotlib; {INSTALL_HINT}.") from None
     colours = _colours(sources)
@@ -142,10 +144,11 @@ def plot_png(sources: Sequence[Source]) -> bytes:
         axis.grid(True, alpha=0.3)
         if all(x > 0 for line in axis.get_lines() for x in line.get_xdata()):
             axis.set_xscale("log", base=2)
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
     first = sources[0].meta
-    figure.suptitle(
-        f"{first.get('dataset', '')} \u00b7 {first.get('model', '')}  (budget next to each point)"
-    )
+    title = f"{first.get('dataset', '')} \u00b7 {first.get('model', '')} (budgets next to the points)"
+    figure.suptitle(textwrap.fill(title, 120), fontsize=10)
     handles, labels = passes.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     rows = (len(labels) + 1) // 2
