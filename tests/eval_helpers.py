@@ -31,8 +31,13 @@ class CountingEngine:
         return self.engine.generate(prompt, **options)
 
     def _generate_many(self, prompts, **options):
+        """The wrapped engine's `generate_many` when it has one (runs sharing forwards), else a loop."""
         self.batches.append(len(prompts))
-        return [self.generate(p, **options) for p in prompts]
+        many = getattr(self.engine, "generate_many", None)
+        if many is None:
+            return [self.generate(p, **options) for p in prompts]
+        self.calls.extend((p[0]["content"], *(options.get(k) for k in RUN_OPTIONS)) for p in prompts)
+        return many(prompts, **options)
 
 
 class FakeEngine:

@@ -347,7 +347,7 @@ def test_a_database_refuses_an_eval_with_other_settings(tmp_path):
 
 def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monkeypatch, capsys):
     """The command on the embedded model: a one-problem dataset, every method, then the report."""
-    engine = CountingEngine(smol_engine)
+    engine = CountingEngine(smol_engine, many=True)
     monkeypatch.setattr(HogwildEngine, "from_pretrained", classmethod(lambda cls, *a, **k: engine))
     data = _jsonl(tmp_path, {"question": "What is 3 + 4?", "answer": "7"})
     out = tmp_path / "out"
@@ -368,7 +368,7 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
     assert all(passes > 0 and tokens > 0 for _, _, tokens, passes in rows)
     assert any(answer is not None for _, answer, _, _ in rows)  # the finisher gets an answer out
     assert (out / "accuracy.png").stat().st_size > 10_000
-    assert len(engine.calls) == 4
+    assert len(engine.calls) == 4 and engine.batches == [1, 1, 1, 1]  # one problem per batch here
     assert main(argv) == 0
     assert len(engine.calls) == 4  # everything is stored: nothing runs again
     with pytest.raises(SystemExit, match="hogwild eval: Unknown protocol 'nope'"):
