@@ -15,6 +15,7 @@ from rich.console import Console
 from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.builtin_tools import calculator_tool
 from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.evaluation.command import add_eval_parsers, eval_command, eval_report_command
 from hogwild_agents.live import LiveView
 from hogwild_agents.protocol import shipped_protocols
 from hogwild_agents.results import (
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "options", nargs=argparse.REMAINDER, help="options passed to `python -m benchmarks.run`"
     )
+    add_eval_parsers(commands)
     return parser
 
 
@@ -158,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bench_main(args.options)
         return 0
+    if args.command == "eval":
+        return eval_command(args)
+    if args.command == "eval-report":
+        return eval_report_command(args)
     tools = _engine_tools(args.tools)
     engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     protocol = None if args.protocol.lower() == "none" else args.protocol

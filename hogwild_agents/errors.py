@@ -32,3 +32,7 @@ class RunCancelledError(HogwildError, RuntimeError):
 
 class GrammarError(HogwildError, ValueError):
     """A schema or grammar cannot constrain output (invalid, unsupported, or a tokenizer it cannot use)."""
+
+
+class EvalError(HogwildError, ValueError):
+    """An evaluation's dataset, grid, checker or results database cannot be used as given."""

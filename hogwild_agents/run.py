@@ -514,7 +514,7 @@ class HogwildRun:
             self.hooks.on_step_finished(worker.index, text)
         self.cache.move_to_shared(worker.index)
         worker.step_ids = []
-        if not worker.finished:
+        if not worker.finished and not self.concluding:  # the finisher's answer opens no new step
             worker.step_index += 1
             worker.header_due = self.engine.encode(self.script.step_header(worker.index, worker.step_index))
 

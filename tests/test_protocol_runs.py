@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from hogwild_agents.protocol import Protocol, shipped_protocols
 
 
@@ -80,3 +82,24 @@ def test_the_first_final_answer_ends_the_work_for_everyone(tiny_engines):
     result = run.result()
     assert result.answer == "7" and result.final_text == "7"
     assert result.workers[1].text.endswith("\\boxed{7}")
+
+
+def test_the_finisher_answer_holds_no_step_header_after_an_early_stop(tiny_engines):
+    """A worker that stopped (EOS) mid-step still has that step to close; the finisher must not open a
+    new step (with its header) inside the answer it forces."""
+    engine = tiny_engines["llama"]
+    eos = min(engine.eos_token_ids)
+    calls = []
+
+    def eos_first(input_ids, scores):
+        calls.append(1)
+        if len(calls) == 3:  # after two sampled tokens, stop the worker
+            scores = torch.full_like(scores, float("-inf"))
+            scores[..., eos] = 0.0
+        return scores
+
+    options = dict(n_workers=1, protocol="collaborate", max_new_tokens=20, logits_processors=[eos_first])
+    result = engine.generate("What is 3 + 4?", **options)
+    text = result.workers[0].text
+    finisher = engine.script("What is 3 + 4?", 1, "combined", "collaborate").finisher
+    assert finisher in text and "[2]:**" not in text.split(finisher)[1]

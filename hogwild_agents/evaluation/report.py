@@ -1,0 +1,358 @@
+"""The eval report: accuracy against forward passes (and wall time) per configuration, as a PNG and a
+self-contained HTML page (the picture embedded) with every problem's answers linked to the transcripts
+of their runs. Given two databases, it puts them side by side: both in one plot (the second dashed)
+and their accuracies in one table.
+
+Forward passes are the decode steps of a run (one forward each, the finisher's included, the prompt's
+prefill not); a vote counts its longest sample, since its samples run side by side. Wall time is the
+sum over a row's runs (one after another unless the engine shares forwards between runs).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+import textwrap
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from hogwild_agents.errors import EvalError
+from hogwild_agents.evaluation.datasets import INSTALL_HINT, Problem
+from hogwild_agents.evaluation.grid import Config, RunSpec
+from hogwild_agents.evaluation.store import ResultRow, ResultStore
+
+COLOURS = (
+    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b", "#7f7f7f",
+    "#bcbd22",
+)  # fmt: skip
+LINE_STYLES = ("-", "--")
+PLOT_NAME = "accuracy.png"
+PAGE_NAME = "report.html"
+
+
+@dataclass(frozen=True)
+class Point:
+    """A configuration at one budget, over the problems it has rows for."""
+
+    config: Config
+    budget: int
+    problems: int
+    correct: int
+    forward_passes: float  # mean per problem
+    tokens: float  # mean generated tokens per problem
+    wall_s: float  # mean per problem
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems
+
+    @property
+    def stderr(self) -> float:
+        """The binomial standard error of the accuracy."""
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / self.problems)
+
+
+@dataclass
+class Source:
+    """One results database as the report reads it."""
+
+    name: str
+    meta: dict[str, str]
+    problems: list[Problem]
+    configs: list[Config]
+    rows: list[ResultRow]
+    store: ResultStore
+
+    @classmethod
+    def read(cls, path: str | Path, name: str) -> Source:
+        store = ResultStore.open_existing(path)
+        return cls(name, store.meta(), store.problems(), store.configs(), store.results(), store)
+
+    def points(self) -> list[Point]:
+        return summarise(self.rows, self.configs)
+
+
+def summarise(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[Point]:
+    """One point per configuration and budget, in configuration order, budgets ascending."""
+    groups: dict[tuple[str, int], list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        groups[row.config, row.budget].append(row)
+    points = []
+    for config in configs:
+        for budget in sorted(b for name, b in groups if name == config.name):
+            group = groups[config.name, budget]
+            n = len(group)
+            points.append(
+                Point(
+                    config,
+                    budget,
+                    n,
+                    sum(r.correct for r in group),
+                    sum(r.forward_passes for r in group) / n,
+                    sum(r.tokens for r in group) / n,
+                    sum(r.wall_s for r in group) / n,
+                )
+            )
+    return points
+
+
+# ---- the picture ------------------------------------------------------------------------------
+
+
+def plot_png(sources: Sequence[Source]) -> bytes:
+    """Accuracy against mean forward passes (left) and mean wall time (right), one line per
+    configuration (per database: solid, then dashed); budgets label the points."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+    except ImportError:
+        raise EvalError(f"The eval report needs matplotlib; {INSTALL_HINT}.") from None
+    colours = _colours(sources)
+    figure = Figure(figsize=(11, 5.2), dpi=100)
+    passes, wall = figure.subplots(1, 2)
+    for style, source in zip(LINE_STYLES, sources, strict=False):
+        by_config: dict[str, list[Point]] = defaultdict(list)
+        for point in source.points():
+            by_config[point.config.name].append(point)
+        for name, points in by_config.items():
+            label = points[0].config.label + (f" [{source.name}]" if len(sources) > 1 else "")
+            accuracy = [100 * p.accuracy for p in points]
+            error = [100 * p.stderr for p in points]
+            for axis, xs in (
+                (passes, [p.forward_passes for p in points]),
+                (wall, [p.wall_s for p in points]),
+            ):
+                axis.errorbar(
+                    xs, accuracy, yerr=error, color=colours[name], linestyle=style, marker="o",
+                    markersize=4, capsize=2, label=label if axis is passes else None,
+                )  # fmt: skip
+            for p, x, y in zip(points, [p.forward_passes for p in points], accuracy, strict=True):
+                passes.annotate(str(p.budget), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for axis, what in (
+        (passes, "forward passes per problem (mean)"),
+        (wall, "wall time per problem (s, mean)"),
+    ):
+        axis.set_xlabel(what)
+        axis.set_ylabel("accuracy (%)")
+        axis.set_ylim(-3, 103)
+        axis.grid(True, alpha=0.3)
+        if all(x > 0 for line in axis.get_lines() for x in line.get_xdata()):
+            axis.set_xscale("log", base=2)
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
+    first = sources[0].meta
+    title = f"{first.get('dataset', '')} \u00b7 {first.get('model', '')} (budgets next to the points)"
+    figure.suptitle(textwrap.fill(title, 120), fontsize=10)
+    handles, labels = passes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    rows = (len(labels) + 1) // 2
+    figure.tight_layout(rect=(0, min(0.5, 0.05 + 0.045 * rows), 1, 1))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _colours(sources: Sequence[Source]) -> dict[str, str]:
+    names = dict.fromkeys(c.name for s in sources for c in s.configs)
+    return {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(names)}
+
+
+# ---- the page ---------------------------------------------------------------------------------
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
+h1 { font-size: 1.4rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: #2ca02c; font-weight: 600; } .bad { color: #d62728; }
+.question { max-width: 28rem; } .meta { color: #666; font-size: 0.9rem; }
+img.plot { max-width: 100%; border: 1px solid #ddd; }
+.better { background: #eef6ee; } .worse { background: #fbeeee; }
+"""
+
+
+def write_report(
+    databases: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None
+) -> Path:
+    """Write `report.html`, `accuracy.png` and the transcripts of one database (or two, compared)
+    into `out_dir`; returns the page's path."""
+    if not 1 <= len(databases) <= 2:
+        raise EvalError("A report takes one results database, or two to compare.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [Source.read(db, name) for db, name in zip(databases, names or _names(databases), strict=True)]
+    try:
+        if not any(s.rows for s in sources):
+            raise EvalError(f"{databases[0]} has no result rows yet; run the eval first.")
+        png = plot_png(sources)
+        (out / PLOT_NAME).write_bytes(png)
+        sections = [
+            _problem_table(s, out, tag if len(sources) > 1 else "")
+            for s, tag in zip(sources, "ab", strict=False)
+        ]
+        page = _page(sources, png, sections)
+    finally:
+        for source in sources:
+            source.store.close()
+    path = out / PAGE_NAME
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _names(databases: Sequence[str | Path]) -> list[str]:
+    """How the report names each database: its file name, its folder and file when those clash."""
+    paths = [Path(db).resolve() for db in databases]
+    for naming in (lambda p: p.stem, lambda p: f"{p.parent.name}/{p.stem}"):
+        names = [naming(p) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return ["A", "B"][: len(paths)]
+
+
+def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str]) -> str:
+    esc = html.escape
+    compare = len(sources) > 1
+    title = "Hogwild eval: " + " vs ".join(esc(s.name) for s in sources)
+    image = base64.b64encode(png).decode("ascii")
+    summary = _comparison_table(sources) if compare else _summary_table(sources[0])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_STYLE}</style></head>
+<body>
+<h1>{title}</h1>
+{_settings_table(sources)}
+<h2>Accuracy against forward passes and wall time</h2>
+<img class="plot" alt="accuracy against forward passes and wall time" src="data:image/png;base64,{image}">
+<p class="meta">Forward passes: decode steps of a run (one forward each, the finisher's included, the
+prefill not); a vote counts its longest sample. Wall time: all of a row's runs. Error bars: one standard
+error. Each budget caps the tokens every worker writes; then the finisher asks for the answer.</p>
+<h2>Accuracy per configuration and budget</h2>
+{summary}
+{"".join(sections)}
+</body></html>
+"""
+
+
+def _settings_table(sources: Sequence[Source]) -> str:
+    esc = html.escape
+    keys = list(dict.fromkeys(k for s in sources for k in s.meta if k != "schema"))
+    head = "".join(f"<th>{esc(s.name)}</th>" for s in sources)
+    body = "".join(
+        f"<tr><th>{esc(k)}</th>" + "".join(f"<td>{esc(s.meta.get(k, ''))}</td>" for s in sources) + "</tr>"
+        for k in keys
+    )
+    counts = "".join(f"<td>{len(s.problems)} problems, {len(s.rows)} rows</td>" for s in sources)
+    return f"<table><tr><th></th>{head}</tr>{body}<tr><th>size</th>{counts}</tr></table>"
+
+
+def _summary_table(source: Source) -> str:
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{esc(p.config.label)}</td><td class=num>{p.budget}</td><td class=num>{p.problems}</td>"
+        f"<td class=num>{100 * p.accuracy:.1f}% &plusmn; {100 * p.stderr:.1f}</td>"
+        f"<td class=num>{p.forward_passes:.1f}</td><td class=num>{p.tokens:.1f}</td>"
+        f"<td class=num>{p.wall_s:.2f}</td></tr>"
+        for p in source.points()
+    )
+    return (
+        "<table><tr><th>configuration</th><th>budget</th><th>problems</th><th>accuracy</th>"
+        f"<th>forward passes</th><th>tokens</th><th>wall s</th></tr>{rows}</table>"
+    )
+
+
+def _comparison_table(sources: Sequence[Source]) -> str:
+    esc = html.escape
+    a, b = ({(p.config.name, p.budget): p for p in s.points()} for s in sources)
+    labels = {c.name: c.label for s in sources for c in s.configs}
+    keys = list(dict.fromkeys([*a, *b]))
+    rows = []
+    for key in keys:
+        pa, pb = a.get(key), b.get(key)
+        cells = []
+        for p in (pa, pb):
+            cells.append(
+                "<td class=num>-</td>" * 3
+                if p is None
+                else f"<td class=num>{100 * p.accuracy:.1f}%</td><td class=num>{p.problems}</td>"
+                f"<td class=num>{p.forward_passes:.1f}</td>"
+            )
+        delta, css = "-", ""
+        if pa is not None and pb is not None:
+            change = 100 * (pb.accuracy - pa.accuracy)
+            delta = f"{change:+.1f}"
+            css = " better" if change > 0 else " worse" if change < 0 else ""
+        rows.append(
+            f"<tr><td>{esc(labels[key[0]])}</td><td class=num>{key[1]}</td>{''.join(cells)}"
+            f'<td class="num{css}">{delta}</td></tr>'
+        )
+    name_a, name_b = (esc(s.name) for s in sources)
+    return (
+        "<table><tr><th rowspan=2>configuration</th><th rowspan=2>budget</th>"
+        f"<th colspan=3>{name_a}</th><th colspan=3>{name_b}</th>"
+        "<th rowspan=2>&Delta; accuracy (points)</th></tr>"
+        "<tr>" + "<th>accuracy</th><th>problems</th><th>forward passes</th>" * 2 + "</tr>"
+        f"{''.join(rows)}</table>"
+    )
+
+
+def _problem_table(source: Source, out: Path, tag: str) -> str:
+    """Each problem's answer per configuration and budget, linked to its runs' transcripts (written
+    under out/transcripts)."""
+    esc = html.escape
+    rows = {(r.problem, r.config, r.budget): r for r in source.rows}
+    columns = [
+        (c, b) for c in source.configs for b in sorted({r.budget for r in source.rows if r.config == c.name})
+    ]
+    header = "".join(f"<th>{esc(c.label)}<br>budget {b}</th>" for c, b in columns)
+    lines = []
+    for problem in source.problems:
+        cells = []
+        for config, budget in columns:
+            row = rows.get((problem.id, config.name, budget))
+            if row is None:
+                cells.append("<td></td>")
+                continue
+            links = [
+                f'<a href="{_transcript(source, out, tag, problem.id, spec)}">'
+                f"{'transcript' if len(row.samples) == 1 else f's{spec.seed_offset + 1}'}</a>"
+                for spec in config.runs(budget)
+            ]
+            mark = '<span class="ok">&#10003;</span>' if row.correct else '<span class="bad">&#10007;</span>'
+            answer = esc(_short(str(row.answer), 40)) if row.answer is not None else "<i>none</i>"
+            cells.append(f"<td>{mark} {answer}<br>{' '.join(links)}</td>")
+        question = (
+            f'<td class=question title="{esc(problem.question)}">{esc(_short(problem.question, 160))}</td>'
+        )
+        lines.append(
+            f"<tr><td>{esc(problem.id)}</td>{question}<td>{esc(problem.answer)}</td>{''.join(cells)}</tr>"
+        )
+    heading = f"Problems ({esc(source.name)})" if tag else "Problems"
+    return (
+        f"<h2>{heading}</h2><table><tr><th>id</th><th>question</th><th>reference</th>{header}</tr>"
+        f"{''.join(lines)}</table>"
+    )
+
+
+def _transcript(source: Source, out: Path, tag: str, problem: str, spec: RunSpec) -> str:
+    """Write the run's transcript page and return its link, relative to the report."""
+    name = f"{spec.protocol}-{spec.n_workers}w-{spec.layout}-b{spec.budget}-s{spec.seed_offset}"
+    parts = ["transcripts", *([tag] if tag else []), _slug(problem), _slug(name) + ".html"]
+    path = out.joinpath(*parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(source.store.transcript(problem, spec), encoding="utf-8")
+    return "/".join(quote(part) for part in parts)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"

@@ -1,0 +1,148 @@
+"""The eval report: summaries, the PNG, and the HTML page rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from hogwild_agents.cli import main
+from hogwild_agents.errors import EvalError
+from hogwild_agents.evaluation import ResultStore, write_report
+from hogwild_agents.evaluation.report import summarise
+from tests.eval_helpers import FakeEngine, tiny_eval
+
+# Runs in the page once it has loaded: each image's natural width, and whether each link's target
+# loads and is a transcript (file:// reads need --allow-file-access-from-files).
+CHECK_SCRIPT = """
+<script>
+window.addEventListener("load", () => {
+  const images = [...document.images].map((image) => image.naturalWidth);
+  const links = [...document.querySelectorAll("a[href]")].map((link) => {
+    const request = new XMLHttpRequest();
+    try {
+      request.open("GET", link.href, false);
+      request.send();
+      return request.responseText.includes("<h2>Final answer</h2>") ? "ok" : "not a transcript: " + link.href;
+    } catch (error) {
+      return "unreadable: " + link.href;
+    }
+  });
+  const out = document.createElement("pre");
+  out.id = "check";
+  out.textContent = JSON.stringify({ images, links });
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        message = "needs Debian's chromium: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def _check_in_chromium(page: Path) -> dict:
+    """Load a copy of `page` (next to it, so its links resolve alike) with CHECK_SCRIPT in headless
+    Chromium; returns what the script found."""
+    probe = page.with_name("chromium_check.html")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", CHECK_SCRIPT + "</body>"))
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--allow-file-access-from-files",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    match = re.search(r'<pre id="check">(.*?)</pre>', done.stdout, re.DOTALL)
+    assert match is not None, f"the page did not finish loading: {done.stderr[-2000:]}"
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def _database(path: Path, seed_engine: FakeEngine | None = None, budgets=(2, 3)) -> Path:
+    with ResultStore(path) as store:
+        tiny_eval(seed_engine or FakeEngine(), store, budgets=budgets)
+    return path
+
+
+def _links(page: Path) -> list[str]:
+    return re.findall(r'<a href="([^"]+)"', page.read_text(encoding="utf-8"))
+
+
+def test_points_summarise_each_configuration_and_budget(tmp_path):
+    with ResultStore(_database(tmp_path / "r.sqlite")) as store:
+        points = summarise(store.results(), store.configs())
+    assert [(p.config.name, p.budget) for p in points][:3] == [
+        ("single/collaborate", 2),
+        ("single/collaborate", 3),
+        ("hogwild-combined-x2/collaborate", 2),
+    ]
+    single3 = points[1]
+    assert (single3.problems, single3.correct, single3.accuracy, single3.stderr) == (2, 2, 1.0, 0.0)
+    assert single3.forward_passes == 5 and single3.tokens == 3
+    vote2 = next(p for p in points if p.config.method == "vote" and p.budget == 2)
+    assert vote2.accuracy == 0.0 and vote2.forward_passes == 4 and vote2.tokens == 4
+
+
+def test_the_report_renders_in_headless_chromium(tmp_path):
+    out = tmp_path / "report"
+    page = write_report([_database(tmp_path / "r.sqlite")], out)
+    assert page == out / "report.html" and (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    text = page.read_text(encoding="utf-8")
+    assert not re.search(r'(src|href)="(https?:)?//', text)  # self-contained: nothing from elsewhere
+    assert "Vote of 2 \u00b7 collaborate" in text and "Message passing \u00d72" in text
+    links = _links(page)
+    assert len(links) == 2 * 2 * (1 + 1 + 1 + 2)  # problems x budgets x runs (a vote links each sample)
+    assert all((out / link).is_file() for link in links)
+    found = _check_in_chromium(page)
+    assert len(found["images"]) == 1 and found["images"][0] > 500
+    assert found["links"] == ["ok"] * len(links)
+
+
+def test_two_databases_are_compared_side_by_side(tmp_path, capsys):
+    first = _database(tmp_path / "first.sqlite")
+    second = _database(tmp_path / "second.sqlite", budgets=(3, 4))
+    out = tmp_path / "compare"
+    assert main(["eval-report", str(first), "--compare", str(second), "--out", str(out)]) == 0
+    page = out / "report.html"
+    assert f"wrote {page}" in capsys.readouterr().out
+    text = page.read_text(encoding="utf-8")
+    assert "Hogwild eval: first vs second" in text and "&Delta; accuracy" in text
+    assert "Problems (first)" in text and "Problems (second)" in text
+    links = _links(page)
+    assert {link.split("/")[1] for link in links} == {"a", "b"}
+    found = _check_in_chromium(page)
+    assert found["images"][0] > 500 and found["links"] == ["ok"] * len(links)
+
+
+def test_report_errors_are_clear(tmp_path):
+    with pytest.raises(EvalError, match="No results database"):
+        write_report([tmp_path / "missing.sqlite"], tmp_path)
+    ResultStore(tmp_path / "empty.sqlite").close()
+    with pytest.raises(SystemExit, match=r"hogwild eval-report: .*holds no eval results"):
+        main(["eval-report", str(tmp_path / "empty.sqlite")])
