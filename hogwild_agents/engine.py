@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,6 +69,7 @@ class HogwildEngine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]  # ids the model can embed
         self.prompt_cache = PromptCache(prefix_cache_bytes)  # K/V of recent prompts (and replies)
         self._special_pattern: re.Pattern[str] | bool | None = None
+        self._encode_lock = threading.Lock()
         self._no_mask = torch.zeros(1, 1, 1, 1, device=model.device)  # the hogwild attention needs none
         self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)
         if max_cache_bytes is None:
@@ -123,9 +125,10 @@ class HogwildEngine:
         tokens split, so marker-like text never becomes control tokens."""
         if not text:
             return []
-        if trusted:
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        # fast tokenizers keep "split special tokens" as a setting of the tokenizer object while they
+        # encode: two threads encoding at once (the scheduler and a caller) must not interleave
+        with self._encode_lock:
+            return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=not trusted)
 
     def encode_format(self, template: str, values: dict[str, str]) -> list[int]:
         """Token ids of `template` with `{name}` fields filled from `values` (untrusted text): the

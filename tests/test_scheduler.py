@@ -39,6 +39,9 @@ class Steer:
         if record.index == 3 and self.tool_call and live:
             call = {"name": "calculator", "arguments": {"expression": "6 * 7"}}
             run.force(live[-1].index, f"<tool_call>{json.dumps(call)}</tool_call>")
+        for call in run.tool_calls:  # a result joins at the first step after the tool returns: wait for
+            if call.future is not None:  # it, so that it joins at the same step alone and among others
+                call.future.result(timeout=10)
         return False
 
     def finish(self, run, stopped: bool) -> None:
