@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hogwild_agents import attention
+from hogwild_agents import attention, validation
+from hogwild_agents.encoding import TextEncoder, render_chat
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
 from hogwild_agents.logits_processing import LogitsProcessorsArg
@@ -18,7 +20,7 @@ from hogwild_agents.plan import ForwardPlan
 from hogwild_agents.prompt_cache import PromptCache
 from hogwild_agents.results import HogwildResult, StepRecord
 from hogwild_agents.rotary import Rotations
-from hogwild_agents.run import HogwildRun, RunLimits
+from hogwild_agents.run import LAYOUTS, HogwildRun, RunLimits
 from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.script import RunScript
 
@@ -43,6 +45,8 @@ class HogwildEngine:
         self.max_positions = getattr(config, "max_position_embeddings", None) or 2**31
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.lock = threading.RLock()
+        self.encoder = TextEncoder(tokenizer)  # untrusted text never becomes control tokens
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.prompt_cache = PromptCache()  # K/V of the last prompt, reused by a run that extends it
 
     @classmethod
@@ -71,8 +75,17 @@ class HogwildEngine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+    def encode(self, text: str, trusted: bool = True) -> list[int]:
+        """Token ids of `text`. Untrusted text (`trusted=False`, or the untrusted spans of a MarkedText
+        such as a rendered chat prompt) is encoded with special tokens split: it never yields the ids of
+        control tokens like end-of-turn markers."""
+        return self.encoder.encode(text, trusted)
+
+    def check_ids_or_encode(self, text_or_ids: str | Sequence[int], what: str) -> list[int]:
+        """Untrusted text given to a run (`inject`, `force`) as token ids, or checked token ids."""
+        if isinstance(text_or_ids, str):
+            return self.encode(text_or_ids, trusted=False)
+        return validation.token_ids(text_or_ids, self.vocab_size, f"{what}: token ids")
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -84,8 +97,12 @@ class HogwildEngine:
             messages = [{"role": "user", "content": messages}]
         if not messages:
             raise ValueError("The message list is empty; give at least one message.")
-        return self.tokenizer.apply_chat_template(
-            list(messages), tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+        schemas = list(tools) if tools else None
+        return render_chat(  # the messages' contents are marked untrusted
+            lambda chat: self.tokenizer.apply_chat_template(
+                chat, tools=schemas, tokenize=False, add_generation_prompt=True
+            ),
+            list(messages),
         )
 
     def forward(
@@ -165,11 +182,16 @@ class HogwildEngine:
         applied to every worker's sampled tokens, or {worker index: processors} for some workers only;
         `input_ids` is the prompt followed by that worker's stream. StepRecord.logits stays the model's.
         """
-        if not 1 <= n_workers <= MAX_WORKERS:
-            raise ValueError(f"n_workers must be between 1 and {MAX_WORKERS}, got {n_workers}")
-        token_prompt = not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], int)
+        n_workers = validation.positive_integer(n_workers, "n_workers", MAX_WORKERS)
+        validation.choice(layout, LAYOUTS, "layout")
+        stop = validation.stop_strings(stop)
+        token_prompt = _is_token_prompt(prompt)
         if token_prompt and protocol is not None:
             raise ValueError("Token-id prompts run without a protocol; pass text or messages instead.")
+        if token_prompt:
+            prompt = validation.token_ids(prompt, self.vocab_size, "prompt")
+        else:
+            _check_prompt_text(prompt)
         runner = engine_tools
         if engine_tools is not None and not isinstance(engine_tools, ToolRunner):
             runner = ToolRunner(engine_tools, timeout_s=tool_timeout_s)
@@ -215,6 +237,27 @@ class HogwildEngine:
                 return run.result()
             finally:
                 run.close()
+
+
+def _is_token_prompt(prompt: Any) -> bool:
+    """A non-empty sequence of numbers (not text, not messages)."""
+    if isinstance(prompt, str) or not isinstance(prompt, Sequence) or not prompt:
+        return False
+    return isinstance(prompt[0], numbers.Number)
+
+
+def _check_prompt_text(prompt: Any) -> None:
+    """Refuse prompt text (or message contents) that is not valid Unicode, before anything renders it."""
+    if isinstance(prompt, str):
+        validation.text(prompt, "The prompt")
+        return
+    for i, message in enumerate(prompt if isinstance(prompt, Sequence) else ()):
+        if isinstance(message, Mapping):
+            content = message.get("content")
+        else:  # a LangChain message
+            content = getattr(message, "content", None)
+        if isinstance(content, str):
+            validation.text(content, f"The content of message {i}")
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

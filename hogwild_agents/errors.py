@@ -20,3 +20,7 @@ class ContextLengthError(HogwildError, ValueError):
 class LogitsProcessorError(HogwildError, RuntimeError):
     """A logits processor raised or returned unusable scores. Nothing was chosen in that step; the run
     stays consistent and the next `step()` tries the choice again."""
+
+
+class InvalidArgumentError(HogwildError, ValueError):
+    """An option or input value is refused: the message names it, what was given and what to pass."""

@@ -22,6 +22,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
+from hogwild_agents.encoding import MarkedText, render_chat
 from hogwild_agents.errors import HogwildError
 from hogwild_agents.script import RunScript
 from hogwild_agents.segmentation import is_step_end
@@ -496,7 +497,7 @@ class Protocol:
             extract_answer=extract_answer,
         )
 
-    def _prompt(self, tokenizer: Any, messages: str | Sequence[Any], base: Mapping[str, Any]) -> str:
+    def _prompt(self, tokenizer: Any, messages: str | Sequence[Any], base: Mapping[str, Any]) -> MarkedText:
         chat = normalize_messages(messages)
         user_system = [m["content"] for m in chat if m["role"] == "system" and m["content"].strip()]
         system = "\n\n".join([self._blocks.render("system", base).strip(), *user_system])
@@ -505,13 +506,13 @@ class Protocol:
         knows_think = _THINK in template_text
         think = knows_think if self.reasoning == "auto" else bool(self.reasoning)
         if not template_text:
-            prefix = _plain_chat(chat)
+            prefix = render_chat(_plain_chat, chat)
         else:
             kwargs = {"enable_thinking": think} if knows_think else {}
-            prefix = _apply_chat_template(tokenizer, chat, **kwargs)
+            prefix = render_chat(lambda c: _apply_chat_template(tokenizer, c, **kwargs), chat)
         if think:
-            prefix = _open_thinking(prefix)
-        return prefix + self._blocks.render("opening", base)
+            prefix = prefix.rebase(_open_thinking(prefix))
+        return prefix + self._blocks.render("opening", base)  # contents stay marked untrusted
 
 
 # ---- option checks ----------------------------------------------------------------------------

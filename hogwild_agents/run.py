@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hogwild_agents import validation
 from hogwild_agents.attention import implementation
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVShape, SharedKVCache
 from hogwild_agents.errors import ContextLengthError
@@ -49,12 +50,11 @@ class RunLimits:
     timeout_s: float | None = None  # wall-clock limit of the run; workers then finish with "timeout"
 
     def __post_init__(self) -> None:
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0 seconds, got {self.timeout_s}")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.max_total_tokens is not None and self.max_total_tokens <= 0:
-            raise ValueError(f"max_total_tokens must be > 0, got {self.max_total_tokens}")
+        validation.timeout(self.timeout_s, "timeout_s")
+        validation.positive_integer(self.max_new_tokens, "max_new_tokens")
+        if self.max_total_tokens is not None:
+            validation.positive_integer(self.max_total_tokens, "max_total_tokens")
+        validation.stop_strings(self.stop)
 
 
 @dataclass
@@ -261,7 +261,7 @@ class HogwildRun:
 
     def inject(self, text_or_ids: str | Sequence[int], kind: str = "inject") -> None:
         """Append a block to the shared history; every worker's view contains it from the next step."""
-        ids = self.engine.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        ids = self.engine.check_ids_or_encode(text_or_ids, "inject")  # text: untrusted, markers split
         if not ids:
             return
         self.cache.reserve(SHARED, 0, len(ids))
@@ -275,7 +275,7 @@ class HogwildRun:
             raise ValueError(
                 f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens."
             )
-        ids = self.engine.encode(token_ids) if isinstance(token_ids, str) else [int(t) for t in token_ids]
+        ids = self.engine.check_ids_or_encode(token_ids, "force")  # text: untrusted, markers split
         state.forced.extend(ids)
 
     # ---- the step ------------------------------------------------------------------------------
@@ -431,12 +431,8 @@ class HogwildRun:
             call = worker.waiting
             if not self.tool_runner.poll(call, wait=blocked and i == 0):
                 continue
-            block = (
-                self.script.tool_result.replace("{tool}", str(call.name))
-                .replace("{worker}", call.worker_name)
-                .replace("{result}", call.result)
-            )
-            self.inject(block, kind="tool_result")
+            block = self.script.tool_result_block(str(call.name), call.worker_name, call.result)
+            self.inject(self.engine.encode(block), kind="tool_result")  # the tool's text stays plain text
             worker.waiting = None
             if self.hooks.on_tool_result is not None:
                 self.hooks.on_tool_result(call)

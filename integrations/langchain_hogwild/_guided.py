@@ -20,7 +20,7 @@ from typing import Any
 
 from hogwild_agents.results import StepRecord
 from hogwild_agents.run import HogwildRun
-from hogwild_agents.tool_calls import CLOSE, OPEN, ParsedToolCall
+from hogwild_agents.tool_calls import CLOSE, MAX_NESTING, OPEN, ParsedToolCall, load_json, nesting_depth
 from langchain_hogwild._value_masks import KINDS, TypedValueProcessor
 
 _DECODER = json.JSONDecoder()
@@ -49,11 +49,11 @@ def scan_value(text: str) -> tuple[str, Any, int]:
     stripped = text.lstrip()
     if not stripped:
         return "partial", None, 0
-    if stripped[0] not in _VALUE_STARTS:
+    if stripped[0] not in _VALUE_STARTS or nesting_depth(stripped) > MAX_NESTING:
         return "invalid", None, 0
     try:
         value, end = _DECODER.raw_decode(stripped)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not yet complete JSON (or an integer over the digit limit)
         return "partial", None, 0
     if not isinstance(value, str | dict | list) and end >= len(stripped):
         return "partial", None, 0
@@ -64,15 +64,12 @@ def salvage(text: str, prefix: str) -> tuple[Any, str]:
     """Best-effort value of an unfinished `text`, and the text that closes it in the stream."""
     if prefix == '"':
         body = text[1:]
-        try:
-            return json.loads(f'"{body}"'), '"'
-        except json.JSONDecodeError:
-            return body.replace('\\"', '"'), '"'
+        value, error = load_json(f'"{body}"')
+        return (value, '"') if error is None else (body.replace('\\"', '"'), '"')
     for closer in ("", "}", '"}', "]", "}}"):
-        try:
-            return json.loads(text.strip() + closer), closer
-        except json.JSONDecodeError:
-            continue
+        value, error = load_json(text.strip() + closer)
+        if error is None:
+            return value, closer
     return None, ""
 
 
@@ -117,7 +114,7 @@ def coerce(value: Any, schema: dict[str, Any]) -> Any:
             return float(value)
         if kind == "string" and value is not None and not isinstance(value, str):
             return json.dumps(value) if isinstance(value, dict | list) else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):  # e.g. int(float("1e999"))
         return value
     choices = schema.get("enum")
     if choices and value not in choices:
