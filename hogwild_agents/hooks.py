@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild_agents import validation
-from hogwild_agents.errors import InvalidArgumentError
 from hogwild_agents.tool_calls import ToolCallMatch
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -200,9 +199,7 @@ class ToolRunner:
         max_parallel: int = 4,
     ) -> None:
         self.tools = {t.name: t for t in (EngineTool.from_any(tool) for tool in tools)}
-        self.timeout_s = validation.timeout(timeout_s, "tool_timeout_s")
-        if self.timeout_s is None:
-            raise InvalidArgumentError("tool_timeout_s must be a finite number of seconds > 0.")
+        self.timeout_s = validation.timeout(timeout_s, "tool_timeout_s", optional=False)
         self.max_result_chars = validation.positive_integer(max_result_chars, "max_result_chars")
         self.executor = DaemonExecutor(max_parallel, thread_name_prefix="hogwild-tool")
         self._counter = 0

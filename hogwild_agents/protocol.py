@@ -230,8 +230,7 @@ class RenderLimits:
     max_chars: int = DEFAULT_MAX_CHARS
 
     def __post_init__(self) -> None:
-        if validation.timeout(self.timeout_s, "render_timeout_s") is None:
-            raise InvalidArgumentError("render_timeout_s must be a finite number of seconds > 0.")
+        validation.timeout(self.timeout_s, "render_timeout_s", optional=False)
         validation.positive_integer(self.max_chars, "max_render_chars")
 
 

@@ -37,11 +37,11 @@ def real(value: Any, name: str, what: str = "a finite number") -> float:
     return value
 
 
-def timeout(value: Any, name: str) -> float | None:
-    """None (no limit) or a finite number of seconds > 0."""
-    if value is None:
+def timeout(value: Any, name: str, optional: bool = True) -> float | None:
+    """A finite number of seconds > 0, or (when `optional`) None for no limit."""
+    if value is None and optional:
         return None
-    what = "a finite number of seconds > 0 (None for no limit)"
+    what = "a finite number of seconds > 0" + (" (None for no limit)" if optional else "")
     seconds = real(value, name, what)
     if seconds <= 0:
         raise InvalidArgumentError(f"{name} must be {what}, got {value}.")
