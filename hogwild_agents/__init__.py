@@ -4,6 +4,7 @@ from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.errors import (
     ContextLengthError,
     HogwildError,
+    InvalidArgumentError,
     LogitsProcessorError,
     ModelLoadError,
     UnsupportedModelError,
@@ -23,6 +24,7 @@ __all__ = [
     "HogwildResult",
     "HogwildRun",
     "Hooks",
+    "InvalidArgumentError",
     "LogitsProcessorError",
     "ModelLoadError",
     "Protocol",

@@ -74,3 +74,34 @@ def test_coercion_and_names() -> None:
     assert closest_name("", ["a", "b"]) == "a"
     assert skip_written(",", ', "b": ') == ' "b": '
     assert skip_written("}", ', "b": ') == ', "b": '
+
+
+DEEP_OR_HUGE = st.builds(
+    lambda depth, opener, middle: opener * depth + middle,
+    st.integers(0, 5000),
+    st.sampled_from(["[", "{", '{"a": ', '"', "-"]),
+    st.sampled_from(["", "1", "9" * 4400, "1e999", '"x"', "]" * 20, "}"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(DEEP_OR_HUGE)
+def test_value_scanning_never_raises_on_deep_or_huge_values(text: str) -> None:
+    state, _, _ = scan_value(text)
+    assert state in ("complete", "partial", "invalid")
+    for prefix in ('"', "", "{"):
+        salvage(text, prefix)
+    for kind in ("integer", "number", "string", "boolean"):
+        coerce(text, {"type": kind})
+    for call in parse_tool_calls('<tool_call>{"name": "f", "arguments": ' + text):
+        assert not call.valid
+
+
+def test_deep_and_huge_values_in_calls_and_guided_output() -> None:
+    deep = "[" * 3000 + "]" * 3000
+    assert scan_value(deep)[0] == "invalid"
+    assert salvage("[" * 3000, "") == (None, "")
+    assert scan_value("9" * 5000 + ",")[0] == "partial"  # over Python's digit limit: not a value yet
+    assert coerce("1e999", {"type": "integer"}) == "1e999"  # not an integer: left as written
+    (call,) = parse_tool_calls('<tool_call>{"name": "f", "arguments": ' + deep + "}</tool_call>")
+    assert call.error == "tool call is nested 3001 levels deep (at most 64)"
