@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import Any, NoReturn, TextIO
 
 from rich.console import Console
 
+from hogwild_agents import validation
 from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.builtin_tools import calculator_tool
-from hogwild_agents.engine import HogwildEngine
+from hogwild_agents.engine import MAX_WORKERS, HogwildEngine
+from hogwild_agents.errors import HogwildError
 from hogwild_agents.evaluation.command import add_eval_parsers, eval_command, eval_report_command
 from hogwild_agents.live import LiveView
-from hogwild_agents.protocol import shipped_protocols
+from hogwild_agents.loading import check_model_reference, resolve_device, resolve_dtype
+from hogwild_agents.protocol import Protocol, shipped_protocols
 from hogwild_agents.results import (
+    HogwildResult,
     RunEvent,
     StepRecord,
     ToolCallEvent,
@@ -26,16 +31,50 @@ from hogwild_agents.results import (
     WorkerStepEvent,
 )
 from hogwild_agents.run import HogwildRun
+from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.transcript import render_html
 from hogwild_agents.views import LAYOUTS
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line: `hogwild: error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hogwild: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _option_type(convert: Callable[[str], Any], check: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, then `check` it (an InvalidArgumentError is a usage error)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(convert(text))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _top_p(value: float) -> float:
+    return SamplingParams(top_p=value).top_p
+
+
+def _temperature(value: float) -> float:
+    return SamplingParams(temperature=value).temperature
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hogwild", description=__doc__)
+    parser = _Parser(prog="hogwild", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run N workers on one question over a shared KV cache")
     run.add_argument("question", help="the task or question for the workers")
-    run.add_argument("--workers", type=int, default=2, help="number of parallel workers (default 2)")
+    run.add_argument(
+        "--workers",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "workers", MAX_WORKERS)),
+        default=2,
+        help=f"number of parallel workers, 1 to {MAX_WORKERS} (default 2)",
+    )
     run.add_argument(
         "--protocol",
         default="collaborate",
@@ -47,12 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="combined",
         help="how each worker sees the others' work (default combined)",
     )
-    run.add_argument("--max-tokens", type=int, default=256, help="tokens each worker may generate")
     run.add_argument(
-        "--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default 0.6)"
+        "--max-tokens",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "max-tokens")),
+        default=256,
+        help="tokens each worker may generate",
     )
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
-    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    run.add_argument(
+        "--temperature",
+        type=_option_type(float, _temperature),
+        default=0.6,
+        help="sampling temperature; 0 = greedy (default 0.6)",
+    )
+    run.add_argument(
+        "--top-p", type=_option_type(float, _top_p), default=1.0, help="nucleus sampling threshold in (0, 1]"
+    )
+    run.add_argument(
+        "--seed", type=_option_type(int, validation.seed), default=None, help="random seed for sampling"
+    )
     run.add_argument("--model", default=None, help="model directory, id or .gguf file (default: embedded)")
     run.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     run.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
@@ -68,7 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="attention implementation: fast (default), triton (CUDA kernel) or eager (reference)",
     )
-    run.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead")
+    run.add_argument(
+        "--json",
+        nargs="?",
+        const=STDOUT,
+        default=None,
+        metavar="PATH",
+        help="the machine-readable result (JSON): alone, printed instead of the view; with a PATH, also "
+        "written to that file (give the question first, or write --json=PATH)",
+    )
     run.add_argument(
         "--transcript",
         metavar="PATH",
@@ -91,15 +150,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BUILTIN_TOOLS = {"calculator": calculator_tool}
+STDOUT = "-"
+
+
+class CommandError(Exception):
+    """A problem the command reports as one line (`hogwild: error: ...`) with a non-zero exit code."""
 
 
 def _engine_tools(names: str) -> list:
     tools = []
     for name in filter(None, (n.strip() for n in names.split(","))):
         if name not in BUILTIN_TOOLS:
-            raise SystemExit(f"hogwild: unknown tool {name!r}; built-in tools: {', '.join(BUILTIN_TOOLS)}")
+            raise CommandError(f"unknown tool {name!r}; built-in tools: {', '.join(BUILTIN_TOOLS)}")
         tools.append(BUILTIN_TOOLS[name]())
     return tools
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, a file in a missing
+    directory, or a place without write permission."""
+    if path is None or path == STDOUT:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise CommandError(f"{option} {path!r} is a directory; give a file path such as {path}/run.out")
+    if not folder.is_dir():
+        raise CommandError(
+            f"{option} {path!r}: the directory {str(folder)!r} does not exist; create it first"
+        )
+    if not os.access(target if target.exists() else folder, os.W_OK):
+        raise CommandError(f"{option} {path!r} cannot be written (permission denied)")
+
+
+def _protocol(name: str) -> Protocol | None:
+    """The protocol named on the command line (checked before the model loads); None for 'none'."""
+    return None if name.lower() == "none" else Protocol(name)
+
+
+def _write_outputs(result: HogwildResult, args: argparse.Namespace) -> int:
+    """Write the transcript and the JSON file (after the result was printed); 1 if one cannot be written."""
+    outputs = [(args.transcript, "--transcript", lambda: render_html(result, title=args.question))]
+    if args.json not in (None, STDOUT):
+        outputs.append((args.json, "--json", lambda: json.dumps(asdict(result), indent=2)))
+    code = 0
+    for path, option, render in outputs:
+        if path is None:
+            continue
+        try:
+            Path(path).write_text(render(), encoding="utf-8")
+        except OSError as error:
+            _report_error(
+                f"{option}: could not write {path!r} ({error.strerror or error}); the result is printed above"
+            )
+            code = 1
+    return code
+
+
+def _report_error(message: str) -> int:
+    print(f"hogwild: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 class PlainPrinter:
@@ -150,7 +260,17 @@ class LiveController:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; errors are one-line messages on stderr with a non-zero exit code."""
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except (CommandError, HogwildError, ValueError, OSError) as error:
+        return _report_error(str(error))
+    except KeyboardInterrupt:
+        return _report_error("interrupted") + 128
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "templates":
         for name, description in shipped_protocols().items():
             print(f"{name:20s} {description}")
@@ -164,9 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_command(args)
     if args.command == "eval-report":
         return eval_report_command(args)
-    tools = _engine_tools(args.tools)
+    tools = _engine_tools(args.tools)  # everything the command line names is checked before the model loads
+    _check_output(args.transcript, "--transcript")
+    _check_output(args.json, "--json")
+    protocol = _protocol(args.protocol)
+    device = resolve_device(args.device)
+    resolve_dtype(args.dtype, device)
+    check_model_reference(args.model)
     engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    protocol = None if args.protocol.lower() == "none" else args.protocol
     options = dict(
         n_workers=args.workers,
         layout=args.layout,
@@ -179,12 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         attention=args.attention,
     )
     messages = [{"role": "user", "content": args.question}]
-    if args.json:
+    if args.json == STDOUT:
         result = engine.generate(messages, **options)
-        if args.transcript:
-            Path(args.transcript).write_text(render_html(result, title=args.question), encoding="utf-8")
         print(json.dumps(asdict(result), indent=2))
-        return 0
+        return _write_outputs(result, args)
     console = Console()
     live = args.view == "live" or (args.view == "auto" and console.is_terminal)
     controller = LiveController(console) if live else None
@@ -199,15 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         handle.cancel()  # Ctrl-C: stop the run
         if controller is not None:
             controller.close()
-    if args.transcript:
-        Path(args.transcript).write_text(render_html(result, title=args.question), encoding="utf-8")
     usage = result.usage
     print(f"\n\n=== Final answer ===\n{result.final_text.strip()}")
     print(
         f"\n[{len(result.workers)} workers, {result.steps} steps; prompt {usage.prompt_tokens} tokens, "
         f"generated {usage.generated_tokens}, model processed {usage.forward_tokens}]"
     )
-    return 0
+    return _write_outputs(result, args)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,18 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hogwild_agents import attention
+from hogwild_agents import attention, validation
 from hogwild_agents.cache import KVPool, KVShape
+from hogwild_agents.encoding import MarkedText, TextEncoder, render_chat
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
@@ -32,6 +33,7 @@ from hogwild_agents.run import HogwildRun, RunController, RunLimits
 from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.scheduler import DEFAULT_BATCH_TOKENS, Scheduler
 from hogwild_agents.script import RunScript
+from hogwild_agents.views import LAYOUTS
 
 MAX_WORKERS = 64
 Messages = str | Sequence[dict[str, str]]
@@ -66,10 +68,9 @@ class HogwildEngine:
         self.head_dim = self.rotations.head_dim
         self.max_positions = getattr(config, "max_position_embeddings", None) or 2**31
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]  # ids the model can embed
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # ids the model can embed
         self.prompt_cache = PromptCache(prefix_cache_bytes)  # K/V of recent prompts (and replies)
-        self._special_pattern: re.Pattern[str] | bool | None = None
-        self._encode_lock = threading.Lock()
+        self.encoder = TextEncoder(tokenizer)  # untrusted text never becomes control tokens
         self._no_mask = torch.zeros(1, 1, 1, 1, device=model.device)  # the hogwild attention needs none
         self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)
         if max_cache_bytes is None:
@@ -111,65 +112,31 @@ class HogwildEngine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    @property
-    def busy(self) -> bool:
-        """True while any submitted run is queued or running."""
-        return self.scheduler.busy
-
-    def new_pool(self) -> KVPool:
-        """An empty KV pool of this model's shape (a stepped run's private cache)."""
-        return KVPool(self.kv_shape, self.rotations)
-
     def encode(self, text: str, *, trusted: bool = True) -> list[int]:
-        """Token ids of `text`. Untrusted text (tool output, injected text) is encoded with special
-        tokens split, so marker-like text never becomes control tokens."""
-        if not text:
-            return []
-        # fast tokenizers keep "split special tokens" as a setting of the tokenizer object while they
-        # encode: two threads encoding at once (the scheduler and a caller) must not interleave
-        with self._encode_lock:
-            return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=not trusted)
+        """Token ids of `text`. Untrusted text (`trusted=False`, or the untrusted spans of a MarkedText
+        such as a rendered chat prompt) is encoded with special tokens split: it never yields the ids of
+        control tokens like end-of-turn markers."""
+        return self.encoder.encode(text, trusted)
 
     def encode_format(self, template: str, values: dict[str, str]) -> list[int]:
         """Token ids of `template` with `{name}` fields filled from `values` (untrusted text): the
-        template's own special tokens stay control tokens, the rest is encoded with special tokens
-        split, so a value cannot forge them. Ordinary text tokenizes as the whole string would."""
-        ids: list[int] = []
-        for piece, special in self._special_pieces(template):
-            if special:
-                ids.extend(self.encode(piece))
-            else:
-                for name, value in values.items():
-                    piece = piece.replace("{" + name + "}", value)
-                ids.extend(self.encode(piece, trusted=False))
-        return ids
+        template's own special tokens stay control tokens, a value cannot forge them."""
+        fields = "|".join(re.escape("{" + name + "}") for name in values)
+        pieces = re.split(f"({fields})", template) if fields else [template]
+        marked = MarkedText.join(
+            (values[piece[1:-1]], False) if i % 2 else (piece, True) for i, piece in enumerate(pieces)
+        )
+        return self.encode(marked)
 
-    def _special_pieces(self, text: str) -> list[tuple[str, bool]]:
-        """`text` cut into (piece, is a special token of the tokenizer) pieces."""
-        if self._special_pattern is None:
-            specials = sorted(
-                {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special},
-                key=len,
-                reverse=True,
-            )
-            self._special_pattern = (
-                re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else False
-            )
-        if not self._special_pattern:
-            return [(text, False)]
-        parts = self._special_pattern.split(text)
-        return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
-
-    def check_token_ids(self, token_ids: Sequence[int]) -> list[int]:
+    def check_token_ids(self, token_ids: Sequence[int], what: str = "token ids") -> list[int]:
         """`token_ids` as a list of ints, each a token of this model's vocabulary (else a clear error)."""
-        ids = []
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int | torch.Tensor) or int(t) != t:
-                raise ValueError(f"token ids must be integers, got {t!r}")
-            if not 0 <= int(t) < self.vocab_size:
-                raise ValueError(f"token id {int(t)} is outside the vocabulary (0..{self.vocab_size - 1})")
-            ids.append(int(t))
-        return ids
+        return validation.token_ids(token_ids, self.vocab_size, what)
+
+    def check_ids_or_encode(self, text_or_ids: str | Sequence[int], what: str) -> list[int]:
+        """Untrusted text given to a run (`inject`, `force`) as token ids, or checked token ids."""
+        if isinstance(text_or_ids, str):
+            return self.encode(text_or_ids, trusted=False)
+        return self.check_token_ids(text_or_ids, f"{what}: token ids")
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -181,8 +148,12 @@ class HogwildEngine:
             messages = [{"role": "user", "content": messages}]
         if not messages:
             raise ValueError("The message list is empty; give at least one message.")
-        return self.tokenizer.apply_chat_template(
-            list(messages), tools=list(tools) if tools else None, tokenize=False, add_generation_prompt=True
+        schemas = list(tools) if tools else None
+        return render_chat(  # the messages' contents are marked untrusted
+            lambda chat: self.tokenizer.apply_chat_template(
+                chat, tools=schemas, tokenize=False, add_generation_prompt=True
+            ),
+            list(messages),
         )
 
     def forward(
@@ -237,8 +208,8 @@ class HogwildEngine:
         """The prompt tokens `start` prefills for this prompt and these options (what the run's
         `usage.prompt_tokens` counts); accepts every option of `start` and ignores those that do not
         shape the prompt."""
-        if not isinstance(prompt, str) and prompt and isinstance(prompt[0], int):
-            return [int(t) for t in prompt]
+        if _is_token_prompt(prompt):
+            return self.check_token_ids(prompt, "prompt")
         schemas = _engine_tool_schemas(engine_tools)
         return self.encode(
             self.script(prompt, n_workers, layout, protocol, [*(tools or ()), *schemas]).prompt
@@ -337,13 +308,16 @@ class HogwildEngine:
         `input_ids` is the prompt followed by that worker's stream. StepRecord.logits stays the model's.
         `pool`: the KV pool the run's cache lives in (None: a private one).
         """
-        if not 1 <= n_workers <= MAX_WORKERS:
-            raise ValueError(f"n_workers must be between 1 and {MAX_WORKERS}, got {n_workers}")
-        token_prompt = not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], int)
-        if token_prompt:
-            prompt = self.check_token_ids(prompt)
+        n_workers = validation.positive_integer(n_workers, "n_workers", MAX_WORKERS)
+        validation.choice(layout, LAYOUTS, "layout")
+        stop = validation.stop_strings(stop)
+        token_prompt = _is_token_prompt(prompt)
         if token_prompt and protocol is not None:
             raise ValueError("Token-id prompts run without a protocol; pass text or messages instead.")
+        if token_prompt:
+            prompt = self.check_token_ids(prompt, "prompt")
+        else:
+            _check_prompt_text(prompt)
         runner = engine_tools
         if engine_tools is not None and not isinstance(engine_tools, ToolRunner):
             runner = ToolRunner(engine_tools, timeout_s=tool_timeout_s)
@@ -378,6 +352,27 @@ def _engine_tool_schemas(engine_tools: Sequence[Any] | ToolRunner | None) -> lis
     if isinstance(engine_tools, ToolRunner):
         return engine_tools.schemas
     return [EngineTool.from_any(tool).schema for tool in engine_tools or ()]
+
+
+def _is_token_prompt(prompt: Any) -> bool:
+    """A non-empty sequence of numbers (not text, not messages)."""
+    if isinstance(prompt, str) or not isinstance(prompt, Sequence) or not prompt:
+        return False
+    return isinstance(prompt[0], numbers.Number)
+
+
+def _check_prompt_text(prompt: Any) -> None:
+    """Refuse prompt text (or message contents) that is not valid Unicode, before anything renders it."""
+    if isinstance(prompt, str):
+        validation.text(prompt, "The prompt")
+        return
+    for i, message in enumerate(prompt if isinstance(prompt, Sequence) else ()):
+        if isinstance(message, Mapping):
+            content = message.get("content")
+        else:  # a LangChain message
+            content = getattr(message, "content", None)
+        if isinstance(content, str):
+            validation.text(content, f"The content of message {i}")
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

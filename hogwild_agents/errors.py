@@ -36,3 +36,7 @@ class GrammarError(HogwildError, ValueError):
 
 class EvalError(HogwildError, ValueError):
     """An evaluation's dataset, grid, checker or results database cannot be used as given."""
+
+
+class InvalidArgumentError(HogwildError, ValueError):
+    """An option or input value is refused: the message names it, what was given and what to pass."""

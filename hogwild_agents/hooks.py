@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from hogwild_agents import validation
 from hogwild_agents.tool_calls import ToolCallMatch
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -106,7 +108,16 @@ class ToolCall:
 
 
 def stringify(value: Any) -> str:
-    """Tool output as text: bytes decoded (invalid UTF-8 replaced), objects as JSON where possible."""
+    """Tool output as text: bytes decoded (invalid UTF-8 replaced), objects as JSON where possible, lone
+    surrogates replaced. Never raises."""
+    try:
+        text = _as_text(value)
+    except Exception as exc:  # an object whose str() raises, nesting too deep to serialize, ...
+        text = f"<{type(value).__name__} that cannot be shown as text: {type(exc).__name__}>"
+    return text.encode("utf-8", errors="replace").decode("utf-8")  # no lone surrogates
+
+
+def _as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, bytes | bytearray):
@@ -116,8 +127,64 @@ def stringify(value: Any) -> str:
         return content
     try:
         return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return str(value)
+
+
+class DaemonExecutor:
+    """A thread pool whose threads never hold up interpreter exit (concurrent.futures joins its own at
+    exit, so one tool that never returns would keep the process alive). At most `max_workers` calls
+    run at once; `shutdown` cancels the calls that have not started."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        self.max_workers = validation.positive_integer(max_workers, "max_parallel")
+        self.prefix = thread_name_prefix
+        self._queue: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, func: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("The tool runner is closed; start a new run.")
+            self._queue.put((future, func, args))
+            if len(self._threads) < self.max_workers:  # threads start on demand, then stay for more calls
+                thread = threading.Thread(
+                    target=self._work, name=f"{self.prefix}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, func, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(func(*args))
+                except BaseException as exc:  # the caller sees it through the future
+                    future.set_exception(exc)
+            del item, future, func, args  # hold no result while idle
+            if self._closed:
+                return
+
+    def shutdown(self) -> None:
+        """Cancel every call not yet started and let idle threads end; running calls are abandoned."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            for _ in self._threads:
+                self._queue.put(None)
 
 
 class ToolRunner:
@@ -132,11 +199,9 @@ class ToolRunner:
         max_parallel: int = 4,
     ) -> None:
         self.tools = {t.name: t for t in (EngineTool.from_any(tool) for tool in tools)}
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.timeout_s = timeout_s
-        self.max_result_chars = max_result_chars
-        self.executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="hogwild-tool")
+        self.timeout_s = validation.timeout(timeout_s, "tool_timeout_s", optional=False)
+        self.max_result_chars = validation.positive_integer(max_result_chars, "max_result_chars")
+        self.executor = DaemonExecutor(max_parallel, thread_name_prefix="hogwild-tool")
         self._counter = 0
         self._lock = threading.Lock()
 
@@ -195,7 +260,7 @@ class ToolRunner:
         call.result, call.error = text, error
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown()
 
 
 async def _await(awaitable: Any) -> Any:

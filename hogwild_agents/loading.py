@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -194,6 +195,30 @@ def weights_options(source: Path) -> dict[str, Any]:
         )
         return {"use_safetensors": False, "weights_only": True}
     return {}
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def check_model_reference(model: Any) -> None:
+    """Refuse, without loading anything, a model reference that cannot load: a path that does not exist
+    (a `.gguf` file, or a directory that is not a hub-style `org/name` id), or a value of another type."""
+    if model is None:
+        if not (cache_dir() / DEFAULT_MODEL_NAME / "config.json").is_file():
+            default_gguf_path()  # the embedded model is installed
+        return
+    if isinstance(model, tuple):
+        return
+    if not isinstance(model, str | os.PathLike):
+        raise ModelLoadError(f"model must be a path, a model id or None, got {type(model).__name__}.")
+    path = Path(model)
+    if str(model).endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(model)!r} does not exist. {WHAT_TO_PASS}")
+        return
+    if path.exists() or (isinstance(model, str) and _HUB_ID.fullmatch(model) and not path.is_absolute()):
+        return
+    raise ModelLoadError(f"Model path {str(model)!r} does not exist. {WHAT_TO_PASS}")
 
 
 def load_model_and_tokenizer(

@@ -8,6 +8,7 @@ generation prompt. All templates render in a sandboxed environment with strict u
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -20,9 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jinja2
 from jinja2 import nodes
-from jinja2.sandbox import SandboxedEnvironment
 
-from hogwild_agents.errors import HogwildError
+from hogwild_agents import validation
+from hogwild_agents.encoding import MarkedText, render_chat
+from hogwild_agents.errors import HogwildError, InvalidArgumentError
+from hogwild_agents.sandbox import DEFAULT_MAX_CHARS, DEFAULT_TIMEOUT_S, BoundedSandbox
 from hogwild_agents.script import RunScript
 from hogwild_agents.segmentation import is_step_end
 
@@ -200,19 +203,35 @@ def _shipped_source(name: str) -> tuple[str, str, Callable[[], bool]] | None:
     return None if file is None else (file.read_text(encoding="utf-8"), str(file), lambda: True)
 
 
-def _environment(user_loader: jinja2.BaseLoader | None) -> SandboxedEnvironment:
+def _environment(user_loader: jinja2.BaseLoader | None, limits: RenderLimits) -> BoundedSandbox:
     loaders = [user_loader] if user_loader else []
-    env = SandboxedEnvironment(
+    return BoundedSandbox(
+        timeout_s=limits.timeout_s,
+        max_chars=limits.max_chars,
+        filters={
+            "join_names": _join_names,
+            "json": lambda value: json.dumps(value, ensure_ascii=False),
+            "paragraphs": _paragraphs,
+        },
         loader=jinja2.ChoiceLoader([*loaders, jinja2.FunctionLoader(_shipped_source)]),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,
     )
-    env.filters["join_names"] = _join_names
-    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False)
-    env.filters["paragraphs"] = _paragraphs
-    return env
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    """Bounds of one block's render: wall-clock seconds and characters (of output, and of any value a
+    template builds)."""
+
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_chars: int = DEFAULT_MAX_CHARS
+
+    def __post_init__(self) -> None:
+        validation.timeout(self.timeout_s, "render_timeout_s", optional=False)
+        validation.positive_integer(self.max_chars, "max_render_chars")
 
 
 def _template_line(error: BaseException) -> tuple[str | None, int | None]:
@@ -243,7 +262,7 @@ class _Source:
     loader: jinja2.BaseLoader | None = None
 
 
-def _parent_name(env: SandboxedEnvironment, template: jinja2.Template) -> str | None:
+def _parent_name(env: BoundedSandbox, template: jinja2.Template) -> str | None:
     """The template named by `{% extends %}`, or None."""
     source = env.loader.get_source(env, template.name)[0]  # type: ignore[union-attr]
     extends = env.parse(source, template.name, template.filename).find(nodes.Extends)
@@ -257,9 +276,9 @@ def _parent_name(env: SandboxedEnvironment, template: jinja2.Template) -> str | 
 class _Blocks:
     """A template with its `{% extends %}` chain, rendering one block at a time."""
 
-    def __init__(self, source: _Source) -> None:
+    def __init__(self, source: _Source, limits: RenderLimits) -> None:
         self.label, self.entry = source.label, source.entry
-        self.env = _environment(source.loader)
+        self.env = _environment(source.loader, limits)
         try:
             self.chain = [self.env.get_template(source.entry)]
             while (parent := _parent_name(self.env, self.chain[-1])) is not None:
@@ -276,15 +295,16 @@ class _Blocks:
         self.names = {name for template in self.chain for name in template.blocks}
 
     def render(self, block: str, variables: Mapping[str, Any]) -> str:
-        """The text of `block` ("" when no template in the chain defines it)."""
-        context = self.chain[0].new_context(dict(variables))
+        """The text of `block` ("" when no template in the chain defines it), rendered from fresh copies
+        of `variables` (a template that changes them cannot change later renders)."""
+        context = self.chain[0].new_context(copy.deepcopy(dict(variables)))
         for ancestor in self.chain[1:]:
             for name, function in ancestor.blocks.items():
                 context.blocks.setdefault(name, []).append(function)
         if block not in context.blocks:
             return ""
         try:
-            return self.env.concat(context.blocks[block][0](context))  # type: ignore[attr-defined]
+            return self.env.render_blocks(context.blocks[block][0](context))
         except Exception as err:  # any failure inside a template is the template's fault
             raise self._error(*_template_line(err), f"block {block!r}: {type(err).__name__}: {err}") from None
 
@@ -374,7 +394,9 @@ class Protocol:
     Options: `interjection_period` (generated tokens of a worker between interjections), `worker_names`
     (defaults to `WORKER_NAMES`), `strategies` and `examples` (template variables), `answer_format`
     ("boxed" or "text"), `reasoning` ("auto": open "<think>" when the model's chat template knows it),
-    and extra template variables as `variables={...}` or keyword arguments.
+    `render_timeout_s` and `max_render_chars` (bounds of each block's render: a template that runs
+    longer, or builds or writes more text, fails with a ProtocolError), and extra template variables as
+    `variables={...}` or keyword arguments. Every render starts from fresh copies of the variables.
     """
 
     def __init__(self, template: str | os.PathLike[str] = "collaborate", **options: Any) -> None:
@@ -410,9 +432,12 @@ class Protocol:
         examples: Sequence[str] | None = None,
         answer_format: Literal["boxed", "text"] = "boxed",
         reasoning: Reasoning = "auto",
+        render_timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_render_chars: int = DEFAULT_MAX_CHARS,
         **extra: Any,
     ) -> None:
         self.name = source.label
+        limits = RenderLimits(render_timeout_s, max_render_chars)
         self.interjection_period = _positive(interjection_period, "interjection_period")
         self.worker_names = _worker_names(worker_names)
         self.answer_format = _choice(answer_format, ("boxed", "text"), "answer_format")
@@ -420,7 +445,7 @@ class Protocol:
         self.variables = _user_variables({**(variables or {}), **extra})
         self.strategies = None if strategies is None else list(strategies)
         self.examples = list(examples or ())
-        self._blocks = _Blocks(source)
+        self._blocks = _Blocks(source, limits)
         missing = [block for block in REQUIRED_BLOCKS if block not in self._blocks.names]
         if missing:
             raise _error(
@@ -496,7 +521,7 @@ class Protocol:
             extract_answer=extract_answer,
         )
 
-    def _prompt(self, tokenizer: Any, messages: str | Sequence[Any], base: Mapping[str, Any]) -> str:
+    def _prompt(self, tokenizer: Any, messages: str | Sequence[Any], base: Mapping[str, Any]) -> MarkedText:
         chat = normalize_messages(messages)
         user_system = [m["content"] for m in chat if m["role"] == "system" and m["content"].strip()]
         system = "\n\n".join([self._blocks.render("system", base).strip(), *user_system])
@@ -505,13 +530,13 @@ class Protocol:
         knows_think = _THINK in template_text
         think = knows_think if self.reasoning == "auto" else bool(self.reasoning)
         if not template_text:
-            prefix = _plain_chat(chat)
+            prefix = render_chat(_plain_chat, chat)
         else:
             kwargs = {"enable_thinking": think} if knows_think else {}
-            prefix = _apply_chat_template(tokenizer, chat, **kwargs)
+            prefix = render_chat(lambda c: _apply_chat_template(tokenizer, c, **kwargs), chat)
         if think:
-            prefix = _open_thinking(prefix)
-        return prefix + self._blocks.render("opening", base)
+            prefix = prefix.rebase(_open_thinking(prefix))
+        return prefix + self._blocks.render("opening", base)  # contents stay marked untrusted
 
 
 # ---- option checks ----------------------------------------------------------------------------
@@ -545,7 +570,12 @@ def _user_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     bad = [key for key in variables if not str(key).isidentifier()]
     if bad:
         raise ValueError(f"Template variable names must be identifiers, got {bad}.")
-    return dict(variables)
+    try:
+        return copy.deepcopy(dict(variables))  # each render gets fresh copies of these
+    except Exception as error:
+        raise InvalidArgumentError(
+            f"Template variables must be copyable values (text, numbers, lists, dicts): {error}"
+        ) from None
 
 
 def list_protocols() -> dict[str, str]:

@@ -14,7 +14,6 @@ its forwards.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
+from hogwild_agents import validation
 from hogwild_agents.attention import implementation
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVPool, RunCache, pages_for
 from hogwild_agents.errors import ContextLengthError
@@ -73,14 +73,13 @@ class RunLimits:
     max_context: int | None = None
 
     def __post_init__(self) -> None:
-        if self.timeout_s is not None and not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
-            raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {self.timeout_s}")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.max_total_tokens is not None and self.max_total_tokens <= 0:
-            raise ValueError(f"max_total_tokens must be > 0, got {self.max_total_tokens}")
-        if self.max_context is not None and self.max_context <= 0:
-            raise ValueError(f"max_context must be > 0 tokens, got {self.max_context}")
+        validation.timeout(self.timeout_s, "timeout_s")
+        validation.positive_integer(self.max_new_tokens, "max_new_tokens")
+        if self.max_total_tokens is not None:
+            validation.positive_integer(self.max_total_tokens, "max_total_tokens")
+        if self.max_context is not None:
+            validation.positive_integer(self.max_context, "max_context")
+        validation.stop_strings(self.stop)
 
 
 @dataclass(frozen=True)
@@ -324,18 +323,13 @@ class HogwildRun:
         """Append a block to the shared history now; every worker's view contains it from the next step.
         Text is encoded as untrusted (marker-like text does not become control tokens)."""
         self.setup()
-        ids = self._encode_text(text_or_ids)
+        ids = self.engine.check_ids_or_encode(text_or_ids, "inject")  # text: untrusted
         if self.shared_room() < len(ids):
             raise ContextLengthError(
                 f"The injected block has {len(ids)} tokens but only {self.shared_room()} positions are "
                 f"left in the shared history (context {self.max_positions}); inject less."
             )
         self._drive(self._write_shared(ids, kind))
-
-    def _encode_text(self, text_or_ids: str | Sequence[int]) -> list[int]:
-        if isinstance(text_or_ids, str):
-            return self.engine.encode(text_or_ids, trusted=False)
-        return self.engine.check_token_ids(text_or_ids)
 
     def force(self, worker: int, token_ids: str | Sequence[int]) -> None:
         """Make `worker` choose these tokens at the next step instead of sampling."""
@@ -344,7 +338,7 @@ class HogwildRun:
             raise ValueError(
                 f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens."
             )
-        state.forced.extend(self._encode_text(token_ids))
+        state.forced.extend(self.engine.check_ids_or_encode(token_ids, "force"))  # text: untrusted
 
     # ---- programs --------------------------------------------------------------------------------
     def program(self, controller: RunController | None = None) -> RunProgram[HogwildResult]:

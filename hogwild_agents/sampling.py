@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hogwild_agents import validation
+from hogwild_agents.errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,12 +20,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        temperature = validation.real(self.temperature, "temperature", "a finite number >= 0 (0 = greedy)")
+        if temperature < 0:
+            raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        top_p = validation.real(self.top_p, "top_p", "a number in (0, 1]")
+        if not 0 < top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
+        validation.integer(self.top_k, "top_k", minimum=0)  # 0 = no limit
+        validation.seed(self.seed)
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with `seed` (or a fresh random seed): same seed, same choices."""

@@ -7,10 +7,14 @@ script (no names, no headers): with one worker it is ordinary generation.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hogwild_agents.encoding import MarkedText
 from hogwild_agents.segmentation import is_step_end
+
+_FIELD = re.compile(r"\{(tool|worker|result)\}")
 
 
 def ends_at_paragraph_break(step_text: str) -> bool:
@@ -53,6 +57,16 @@ class RunScript:
     finisher: str = ""
     extract_answer: Callable[[str], str | None] = field(default=lambda text: None)
     tool_result: str = "[{tool}] called by {worker} \u2192 {result}\n\n"
+
+    def tool_result_block(self, tool: str, worker: str, result: str) -> MarkedText:
+        """The shared block of a tool's result: `tool_result` with its fields filled in; the template's
+        text is trusted, the fields' text (the tool's name and output, the caller's name) is not."""
+        fields = {"tool": tool, "worker": worker, "result": result}
+        pieces, position = [], 0
+        for match in _FIELD.finditer(self.tool_result):
+            pieces += [(self.tool_result[position : match.start()], True), (fields[match.group(1)], False)]
+            position = match.end()
+        return MarkedText.join([*pieces, (self.tool_result[position:], True)])
 
     def own_header(self, worker: int) -> str:
         return self.own_headers[worker] if self.own_headers else ""

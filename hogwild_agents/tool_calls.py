@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_NESTING = 64  # deeper JSON in a call is refused as malformed (no recursion limit is ever reached)
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,10 @@ class ToolCallMatch:
 
 
 def parse_call_body(raw: str) -> tuple[str | None, dict[str, Any], str | None]:
-    """(name, arguments, error) from the JSON between the tags."""
-    try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as err:
-        return None, {}, f"tool call is not valid JSON ({err.msg} at char {err.pos})"
+    """(name, arguments, error) from the JSON between the tags. Never raises."""
+    body, error = load_json(raw)
+    if error is not None:
+        return None, {}, f"tool call {error}"
     if not isinstance(body, dict):
         return None, {}, "tool call must be a JSON object with 'name' and 'arguments'"
     name = body.get("name")
@@ -43,13 +43,48 @@ def parse_call_body(raw: str) -> tuple[str | None, dict[str, Any], str | None]:
         return None, {}, "tool call has no 'name' string"
     arguments = body.get("arguments", body.get("parameters", {}))
     if isinstance(arguments, str):  # some models encode arguments as a JSON string
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+        arguments, error = load_json(arguments) if arguments.strip() else ({}, None)
+        if error is not None:
             return name, {}, f"arguments of {name!r} are a string that is not JSON"
     if not isinstance(arguments, dict):
         return name, {}, f"arguments of {name!r} must be a JSON object"
     return name.strip(), arguments, None
+
+
+def load_json(text: str) -> tuple[Any, str | None]:
+    """(value, None) for JSON text, or (None, what is wrong). Never raises: text nested deeper than
+    MAX_NESTING levels, huge integers and invalid JSON are all reported as errors."""
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING:
+        return None, f"is nested {depth} levels deep (at most {MAX_NESTING})"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"is not valid JSON ({err.msg} at char {err.pos})"
+    except (ValueError, RecursionError) as err:  # e.g. an integer over Python's digit limit
+        return None, f"is not usable JSON ({err})"
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON-like `text` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def find_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:

@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from hogwild_agents.cli import build_parser, main
+from hogwild_agents.engine import HogwildEngine
 from hogwild_agents.live import LiveView
 from hogwild_agents.transcript import merge_turns, render_html
 from tests.conftest import named_script
@@ -123,5 +124,133 @@ def test_run_with_the_calculator_tool(capsys):
     )
     assert code == 0
     assert json.loads(capsys.readouterr().out)["workers"]
-    with pytest.raises(SystemExit, match="unknown tool 'shell'"):
-        main(["run", "x", "--tools", "shell"])
+
+
+# ---- errors: one line, a non-zero exit code, checked before the model loads ------------------------------
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `hogwild ARGV` (argparse's own errors exit through SystemExit)."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("hogwild: error: "), err  # (a loading bar may precede)
+    assert err.strip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the command loads a model: these errors must come before any work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the command line was checked")
+
+    monkeypatch.setattr("hogwild_agents.cli.HogwildEngine.from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(
+    ("make_path", "fragments"),
+    [
+        (lambda tmp: tmp / "missing" / "run.html", ("--transcript", "does not exist")),
+        (lambda tmp: tmp, ("--transcript", "is a directory")),
+        (lambda tmp: tmp / "missing" / "deeper" / "run.html", ("does not exist",)),
+    ],
+)
+def test_bad_transcript_paths_are_refused_before_the_run(
+    capsys, tmp_path, no_model_load, make_path, fragments
+):
+    path = str(make_path(tmp_path))
+    code, out, err = run_cli(["run", QUESTION, "--max-tokens", "4", "--transcript", path], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert out == ""
+
+
+@pytest.mark.parametrize("as_directory", [True, False])
+def test_bad_json_paths_are_refused_before_the_run(capsys, tmp_path, no_model_load, as_directory):
+    path = str(tmp_path if as_directory else tmp_path / "nowhere" / "out.json")
+    code, _, err = run_cli(["run", QUESTION, "--json", path], capsys)
+    assert_one_line_error(code, err, "--json", "directory")
+
+
+def test_json_to_a_file_keeps_the_printed_answer(capsys, tmp_path):
+    out_file = tmp_path / "result.json"
+    code, out, _ = run_cli(
+        ["run", QUESTION, "--protocol", "none", "--max-tokens", "4", "--view", "plain", f"--json={out_file}"],
+        capsys,
+    )
+    assert code == 0 and "=== Final answer ===" in out
+    assert len(json.loads(out_file.read_text())["workers"]) == 2
+
+
+def test_a_write_that_fails_after_the_run_keeps_the_result(capsys, tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    load = HogwildEngine.from_pretrained
+
+    def load_then_lose_the_folder(*args, **kwargs):
+        engine = load(*args, **kwargs)
+        folder.rmdir()  # the output directory disappears while the run goes on
+        return engine
+
+    monkeypatch.setattr("hogwild_agents.cli.HogwildEngine.from_pretrained", load_then_lose_the_folder)
+    argv = ["run", QUESTION, "--protocol", "none", "--max-tokens", "4", "--view", "plain"]
+    code, out, err = run_cli([*argv, "--transcript", str(folder / "run.html")], capsys)
+    assert "=== Final answer ===" in out  # printed first
+    assert_one_line_error(code, err, "--transcript", "could not write")
+    folder.mkdir()
+    monkeypatch.setattr("hogwild_agents.cli.HogwildEngine.from_pretrained", load_then_lose_the_folder)
+    code, out, err = run_cli([*argv, "--json", "--transcript", str(folder / "run.html")], capsys)
+    assert json.loads(out)["workers"]  # the JSON result is complete on stdout
+    assert_one_line_error(code, err, "could not write")
+
+
+@pytest.mark.parametrize(
+    ("options", "fragments"),
+    [
+        (["--tools", "shell"], ("unknown tool 'shell'",)),
+        (["--protocol", "no_such_protocol"], ("Unknown protocol 'no_such_protocol'",)),
+        (["--model", "/no/such/model"], ("does not exist",)),
+        (["--model", "missing.gguf"], ("does not exist",)),
+        (["--device", "tpu"], ("device",)),
+        (["--dtype", "int8"], ("dtype",)),
+        (["--workers", "0"], ("--workers",)),
+        (["--workers", "2.5"], ("--workers",)),
+        (["--workers", "65"], ("--workers",)),
+        (["--max-tokens", "-3"], ("--max-tokens",)),
+        (["--temperature", "nan"], ("--temperature",)),
+        (["--temperature", "inf"], ("--temperature",)),
+        (["--temperature", "-1"], ("--temperature",)),
+        (["--top-p", "1.5"], ("--top-p",)),
+        (["--seed", "abc"], ("--seed",)),
+        (["--seed", str(2**64)], ("--seed",)),
+        (["--layout", "spiral"], ("--layout",)),
+        (["--attention", "magic"], ("--attention",)),
+        (["--view", "3d"], ("--view",)),
+    ],
+)
+def test_command_line_errors_are_one_line_messages(capsys, no_model_load, options, fragments):
+    code, out, err = run_cli(["run", QUESTION, *options], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert out == ""
+
+
+def test_template_and_model_load_errors_are_one_line_messages(capsys, tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% block system %}{{ unclosed {% endblock %}\n")
+    code, _, err = run_cli(["run", QUESTION, "--protocol", str(broken)], capsys)
+    assert_one_line_error(code, err, "broken.jinja", "line 1")
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    code, _, err = run_cli(["run", QUESTION, "--model", str(not_a_model)], capsys)
+    assert_one_line_error(code, err, "Cannot load a model")

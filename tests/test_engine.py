@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from hogwild_agents import LAYOUTS, HogwildEngine, UnsupportedModelError
 from hogwild_agents.cache import HEADERS, PAGE_SIZE, SHARED, STEPS
+from hogwild_agents.errors import InvalidArgumentError
 from hogwild_agents.loading import check_rope_support
 from tests.conftest import TINY, named_script
 
@@ -171,6 +172,80 @@ def test_context_overflow_stops_with_length(tokenizer):
 def test_bad_options_are_refused_clearly(tiny_engines, options, message):
     with pytest.raises(ValueError, match=message):
         tiny_engines["llama"].start(PROMPT, **options)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": NAN}, "temperature"),
+        ({"temperature": INF}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": NAN}, "top_p"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"timeout_s": NAN}, "timeout_s"),
+        ({"timeout_s": INF}, "timeout_s"),
+        ({"timeout_s": -1.0}, "timeout_s"),
+        ({"timeout_s": "5"}, "timeout_s"),
+        ({"engine_tools": [], "tool_timeout_s": NAN}, "tool_timeout_s"),
+        ({"engine_tools": [], "tool_timeout_s": INF}, "tool_timeout_s"),
+        ({"engine_tools": [], "tool_timeout_s": 0}, "tool_timeout_s"),
+        ({"stop": ""}, "stop strings must not be empty"),
+        ({"stop": ["end", ""]}, "stop strings must not be empty"),
+        ({"stop": [3]}, "stop strings must be strings"),
+        ({"stop": ["\ud800"]}, "lone surrogate"),
+        ({"n_workers": 2.0}, "n_workers must be an integer"),
+        ({"n_workers": "2"}, "n_workers must be an integer"),
+        ({"n_workers": True}, "n_workers must be an integer"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": "8"}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
+        ({"max_total_tokens": 1.5}, "max_total_tokens must be an integer"),
+        ({"max_total_tokens": 0}, "max_total_tokens"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"seed": 2**64}, "seed must be between"),
+        ({"layout": None}, "layout"),
+    ],
+)
+def test_values_that_cannot_work_are_refused_at_start(tiny_engines, options, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        tiny_engines["llama"].start(PROMPT, **options)
+
+
+def test_prompts_that_are_not_text_or_token_ids_are_refused(tiny_engines):
+    engine = tiny_engines["llama"]
+    vocab = engine.model.get_input_embeddings().num_embeddings
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        engine.start("half a pair: \ud83d", n_workers=1)
+    with pytest.raises(InvalidArgumentError, match="message 1 holds a lone surrogate"):
+        engine.start([{"role": "system", "content": "ok"}, {"role": "user", "content": "\udc00"}])
+    for ids, message in [
+        ([1, 2, vocab], "outside the model's vocabulary"),
+        ([5, -1], "outside the model's vocabulary"),
+        ([5, 2.0], "not a token id"),
+        ([5, True], "not a token id"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            engine.start(ids, n_workers=1)
+    assert engine.start([5, vocab - 1], n_workers=1, max_new_tokens=1).prompt_ids == [5, vocab - 1]
+    run = engine.start(PROMPT, n_workers=2, max_new_tokens=4)
+    for bad in ([vocab], [-3], ["a"]):
+        with pytest.raises(InvalidArgumentError, match="token"):
+            run.force(0, bad)
+        with pytest.raises(InvalidArgumentError, match="token"):
+            run.inject(bad)
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        run.inject("\udfff")
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        run.force(1, "x\ud800")
+    run.step()  # nothing was taken: the run goes on
+    assert all(len(w.stream) >= 1 for w in run.workers)
 
 
 def test_empty_prompts_are_refused(tiny_engines):

@@ -444,3 +444,127 @@ def test_script_default_segmentation_delegates():
     assert script_module.ends_at_paragraph_break("One step.\n\n")
     assert not script_module.ends_at_paragraph_break("```\ncode\n\n")
     assert not script_module.ends_at_paragraph_break("$$\nx\n\n")
+
+
+# ---- templates cannot exhaust CPU or memory, nor change later renders ------------------------------------
+
+BOMBS = {
+    "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "empty nested loops": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "loops over a list": "{% set r = range(99999)|list %}{% for i in r %}{% for j in r %}{% for k in r %}"
+    "{% endfor %}{% endfor %}{% endfor %}",
+    "exponentiation": "{{ 7 ** 999999999 }}",
+    "repeated squaring": "{% set ns = namespace(x=3) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"
+    "{% endfor %}{{ ns.x }}",
+    "string multiplication": "{{ 'x' * 10**10 }}",
+    "list multiplication": "{{ ([1] * 10**9)|length }}",
+    "nested lists": "{% set a = [1] * 99999 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}{{ [b, b, b] }}",
+    "doubling with ~": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+    "{% endfor %}{{ ns.s|length }}",
+    "doubling with +": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+    "{% endfor %}{{ ns.s|length }}",
+    "center": "{{ 'x'|center(999999999) }}",
+    "printf width": "{{ '%0999999999d'|format(1) }}",
+    "% operator": "{{ '%999999999s' % 'x' }}",
+    "str.format width": "{{ '{:>999999999}'.format(1) }}",
+    "replace": "{{ ('a' * 99999)|replace('a', 'b' * 99999) }}",
+    "indent": "{{ ('\\n' * 99999)|indent(99999) }}",
+    "join": "{% set a = ['x' * 99999] * 9 %}{% set b = a + a + a + a + a + a + a + a %}{{ (b + b)|join }}",
+    "growing a list": "{% set a = [] %}{% for i in range(99999) %}{% for j in range(99999) %}"
+    "{{ a.append(i) or '' }}{% endfor %}{% endfor %}",
+    "extending a list": "{% set a = [] %}{% set b = range(99999)|list %}{% for i in range(99999) %}"
+    "{{ a.extend(b) or '' }}{% endfor %}",
+    "expandtabs": "{{ ('\\t' * 99999).expandtabs(99999) }}",
+    "lots of output": "{% for i in range(99999) %}{{ 'y' * 999 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOMBS))
+def test_templates_that_exhaust_cpu_or_memory_fail_clearly(name):
+    import resource
+    import time
+
+    text = '{% extends "collaborate" %}{% block intro %}' + BOMBS[name] + "{% endblock %}"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(ProtocolError, match=r"^template 'bomb'.*(longer than 0.5 s|characters|bits)"):
+        Protocol.from_text(text, name="bomb", render_timeout_s=0.5)
+    assert time.monotonic() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # KiB: no gigabytes taken
+
+
+def test_a_template_that_explodes_only_for_some_runs_fails_at_render():
+    text = (
+        '{% extends "collaborate" %}{% block intro %}{% if n_workers > 2 %}{{ "x" * 10**9 }}'
+        "{% endif %}{% endblock %}"
+    )
+    protocol = Protocol.from_text(text, name="late")  # 1 and 2 workers render fine
+    with pytest.raises(ProtocolError, match=r"template 'late'.*block 'system'.*characters"):
+        protocol.render(None, TASK, 3)
+
+
+def test_render_limits_are_options():
+    text = '{% extends "collaborate" %}{% block intro %}{{ "z" * 5000 }}{% endblock %}'
+    assert "z" * 5000 in Protocol.from_text(text).render(None, TASK, 2).prompt
+    with pytest.raises(ProtocolError, match="over 4000 characters"):
+        Protocol.from_text(text, max_render_chars=4000)
+    for bad in (float("nan"), float("inf"), 0, -1):
+        with pytest.raises(ValueError, match="render_timeout_s"):
+            Protocol("collaborate", render_timeout_s=bad)
+    with pytest.raises(ValueError, match="max_render_chars"):
+        Protocol("collaborate", max_render_chars=0)
+
+
+def test_a_template_cannot_change_the_protocols_variables():
+    text = (
+        '{% extends "collaborate" %}{% block intro %}{{ examples.append("extra") or "" }}'
+        "{{ notes.update(hacked=1) or '' }}{{ workers.append('Mallory') or '' }}"
+        "|{{ examples|length }}|{{ notes|length }}|{{ workers|length }}"
+        "{% endblock %}"
+    )
+    protocol = Protocol.from_text(text, examples=["one"], notes={"a": 1})
+    renders = {str(protocol.render(None, TASK, 2).prompt) for _ in range(3)}
+    assert len(renders) == 1 and "|2|2|3" in renders.pop()  # every render starts from the same values
+    assert protocol.examples == ["one"] and protocol.variables["notes"] == {"a": 1}
+    script = protocol.render(None, TASK, 2)
+    assert script.step_header(0, 1) == script.step_header(0, 2).replace("[2]", "[1]")
+
+
+def test_shipped_protocols_render_as_in_an_unbounded_sandbox():
+    """The limits change nothing for the shipped protocols: every block, every layout, tools, strategies."""
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from hogwild_agents import protocol as protocol_module
+
+    tools = [
+        {"name": "calc", "description": "arithmetic", "parameters": {"type": "object", "properties": {}}}
+    ]
+    for name in SHIPPED:
+        bounded = Protocol(name, strategies=["split it", "check it"], examples=["An example."])
+        plain = Protocol(name, strategies=["split it", "check it"], examples=["An example."])
+        original = protocol_module._Blocks.render
+
+        def unbounded_render(self, block, variables):
+            env = SandboxedEnvironment(
+                loader=self.env.loader, undefined=self.env.undefined, trim_blocks=True, lstrip_blocks=True
+            )
+            env.filters.update({k: v.__wrapped__ for k, v in self.env.filters.items()})
+            chain = [env.get_template(template.name) for template in self.chain]
+            context = chain[0].new_context(dict(variables))
+            for ancestor in chain[1:]:
+                for name, function in ancestor.blocks.items():
+                    context.blocks.setdefault(name, []).append(function)
+            return env.concat(context.blocks[block][0](context)) if block in context.blocks else ""
+
+        for layout in ("contiguous", "interleaved", "combined"):
+            for n_workers in (1, 3):
+                expected = bounded.render(None, TASK, n_workers, layout, tools=tools)
+                protocol_module._Blocks.render = unbounded_render
+                try:
+                    actual = plain.render(None, TASK, n_workers, layout, tools=tools)
+                finally:
+                    protocol_module._Blocks.render = original
+                for field in ("prompt", "others_header", "others_separator", "own_headers", "interjection"):
+                    assert getattr(actual, field) == getattr(expected, field), (name, layout, field)
+                assert actual.finisher == expected.finisher
+                assert actual.step_header(n_workers - 1, 7) == expected.step_header(n_workers - 1, 7)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as futures
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +19,7 @@ from langchain_core.tools import tool
 
 from hogwild_agents import LAYOUTS
 from hogwild_agents.builtin_tools import calculator_tool, document_search_tool, evaluate_arithmetic
-from hogwild_agents.hooks import EngineTool, Hooks, ToolRunner
+from hogwild_agents.hooks import EngineTool, Hooks, ToolRunner, stringify
 from hogwild_agents.reference import view_kv_logits
 from hogwild_agents.tool_calls import find_tool_call, find_tool_calls, has_open_tool_call
 from tests.conftest import named_script
@@ -294,3 +298,145 @@ def test_every_call_written_in_one_step_runs_in_order(tiny_engines):
     shared = engine.decode(run.cache.token_ids(0))
     assert shared.index("→ 5") < shared.index("→ 20")  # both results, in call order
     assert run.workers[0].waiting is None and not run.workers[0].finished
+# ---- deeply nested or oversized JSON: an error result, never an exception ------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[" * 65,  # just past the nesting limit
+        "[" * 1000 + "]" * 1000,  # complete JSON, deeper than json's recursion limit
+        '{"name": "calculator", "arguments": ' + '{"a": ' * 5000 + "1" + "}" * 5001,
+        '{"name": "calculator", "arguments": "' + "[" * 3000 + '"}',  # nested JSON inside a string
+        '{"name": "calculator", "arguments": {"expression": ' + "9" * 5000 + "}}",  # over the digit limit
+    ],
+)
+def test_deep_or_huge_json_is_a_malformed_call(body):
+    match = find_tool_call(f"<tool_call>{body}</tool_call>")
+    assert match is not None and not match.valid and match.error
+
+
+def test_a_deeply_nested_call_inside_a_run_becomes_an_error_result(tiny_engines):
+    engine = tiny_engines["llama"]
+    nested = '<tool_call>{"name": "calculator", "arguments": ' + "[" * 1200 + "]" * 1200 + "}</tool_call>"
+    quoted = call_text("calculator", expression="(" * 100 + "1" + ")" * 100 + " + 1")  # strings do not nest
+    for text, expected in [
+        (nested, "Error: malformed tool call: tool call is nested 1201 levels deep (at most 64)."),
+        (quoted, "2"),
+    ]:
+        run = engine.start(
+            PROMPT,
+            n_workers=2,
+            protocol=named_script(PROMPT, 2),
+            max_new_tokens=20,
+            engine_tools=[calculator_tool()],
+        )
+        run.step()
+        run.force(0, text)
+        for _ in range(4):
+            run.step()
+        assert run.tool_calls[0].result == expected
+        assert expected in engine.decode(run.cache.token_ids(0))  # every worker's view holds it
+
+
+NESTED_TEXT = st.builds(
+    lambda depth, opener, middle, close: "<tool_call>" + opener * depth + middle + close + "</tool_call>",
+    st.integers(0, 4000),
+    st.sampled_from(["[", "{", '{"a":', '{"name": "f", "arguments": {"x":', '"', "\\"]),
+    st.sampled_from(["", "1", "9" * 4400, '"x"', "null", "}", "]"]),
+    st.sampled_from(["", "]" * 50, "}" * 50, '"}']),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(NESTED_TEXT, RANDOM_TEXT))
+def test_parser_never_raises_on_nested_or_random_text(text):
+    for match in find_tool_calls(text):
+        assert match.valid == (match.error is None)
+        if match.valid:
+            assert isinstance(match.name, str) and isinstance(match.arguments, dict)
+
+
+def test_tool_output_that_cannot_be_text_still_gives_a_result():
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    assert stringify("lone \ud800 surrogate") == "lone ? surrogate"
+    assert stringify(Unprintable()).startswith("<Unprintable that cannot be shown as text")
+    assert isinstance(stringify(deep), str)
+
+
+# ---- tool threads: limits, cancellation and exit ---------------------------------------------------------
+
+
+def test_tool_threads_run_at_most_max_parallel_and_close_cancels_the_queue():
+    running, peak, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    def slow() -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        release.wait(5)
+        with lock:
+            running[0] -= 1
+        return "ok"
+
+    tool = EngineTool("slow", "slow", {"type": "object", "properties": {}}, slow)
+    runner = ToolRunner([tool], max_parallel=2)
+    match = find_tool_call(call_text("slow"))
+    calls = [runner.submit(match, 0, "w", 0) for _ in range(5)]
+    time.sleep(0.3)
+    assert peak[0] == 2
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("hogwild-tool"))
+    runner.close()  # the three calls still queued never start
+    release.set()
+    assert [c.future.result(timeout=5) for c in calls[:2]] == ["ok", "ok"]
+    assert all(c.future.cancelled() for c in calls[2:]) and peak[0] == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        runner.submit(match, 0, "w", 0)
+
+
+HANGING_RUN = """
+import sys, time, threading
+sys.path.insert(0, {root!r})
+from transformers import AutoTokenizer
+from hogwild_agents.hooks import EngineTool
+from hogwild_agents.loading import default_model_dir
+from tests.conftest import build_tiny_engine, named_script
+from tests.test_tool_hooks import call_text
+
+engine = build_tiny_engine("llama", AutoTokenizer.from_pretrained({tokenizer!r} or default_model_dir()))
+hang = EngineTool("hang", "never returns", {{"type": "object", "properties": {{}}}}, threading.Event().wait)
+prompt = "Work together."
+run = engine.start(prompt, n_workers=1, protocol=named_script(prompt, 1), max_new_tokens=6,
+                   engine_tools=[hang], tool_timeout_s=0.2)
+run.force(0, call_text("hang"))
+while not run.done:
+    run.step()
+run.close()
+print(run.tool_calls[0].result, flush=True)
+print("DONE", time.time(), flush=True)
+"""
+
+
+def test_a_tool_that_never_returns_does_not_keep_the_process_alive():
+    root = str(Path(__file__).resolve().parent.parent)
+    script = HANGING_RUN.format(root=root, tokenizer=os.environ.get("HOGWILD_TEST_TOKENIZER", ""))
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"the process did not exit after its run: {out[-500:]}")
+    exited = time.time()
+    assert process.returncode == 0, err[-2000:]
+    assert "Error: hang timed out after 0.2 s." in out
+    done = float(out.split("DONE")[1])
+    assert exited - done < 20, f"the process took {exited - done:.1f} s to exit after its run"

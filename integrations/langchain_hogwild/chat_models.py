@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -11,6 +12,7 @@ from contextvars import ContextVar, Token
 from operator import itemgetter
 from typing import Any, Literal
 
+import torch
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
@@ -25,15 +27,27 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, Runn
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from hogwild_agents.engine import HogwildEngine
-from hogwild_agents.errors import HogwildError
+from hogwild_agents import validation
+from hogwild_agents.engine import MAX_WORKERS, HogwildEngine
+from hogwild_agents.errors import HogwildError, InvalidArgumentError
 from hogwild_agents.grammar import json_schema_grammar, tool_call_grammar
 from hogwild_agents.hooks import Hooks
-from hogwild_agents.loading import model_config
+from hogwild_agents.loading import check_model_reference, model_config, resolve_device, resolve_dtype
 from hogwild_agents.logits_processing import LogitsProcessorsArg, per_worker_processors
+from hogwild_agents.protocol import WORKER_NAMES, Protocol
+from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.tool_calls import OPEN
 from langchain_hogwild._calls import CallGroup, stream_calls
 from langchain_hogwild._driver import CallSpec, Outcome, submit_call
@@ -73,6 +87,16 @@ _CALL_OPTIONS = (
     "seed",
     "timeout_s",
     "reasoning",
+)
+# keyword arguments LangChain itself passes to a call (bind_tools, with_structured_output, stream=...)
+_LANGCHAIN_CALL_KWARGS = (
+    "tools",
+    "tool_choice",
+    "response_format",
+    "ls_structured_output_format",
+    "stop",
+    "stream",
+    "parallel_tool_calls",
 )
 
 
@@ -148,17 +172,132 @@ class ChatHogwild(BaseChatModel):
     """Time limit of one in-engine tool call."""
     hooks: Hooks | None = Field(default=None, exclude=True, repr=False)
     """Run callbacks (on_step, on_token, on_tool_call, on_tool_result, on_step_finished)."""
-    timeout_s: float | None = None
-    """Wall-clock limit of one call's run: when it passes, every worker stops (finish_reason "timeout")
-    and what was written so far is returned."""
+    timeout_s: float | None = Field(default=None, validation_alias=AliasChoices("timeout_s", "timeout"))
+    """Wall-clock limit of one call's run (also accepted as LangChain's standard `timeout`): when it
+    passes, every worker stops (finish_reason "timeout") and what was written so far is returned."""
     attention: Literal["fast", "triton", "eager"] = "fast"
     """Attention implementation: "fast" (batched matmuls), "triton" (CUDA kernel), "eager" (reference)."""
     logits_processors: Any = Field(default=None, exclude=True, repr=False)
     """transformers `LogitsProcessor`s for every worker, or {worker index: [...]} for some (see
     `HogwildEngine.start`)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    streaming: bool = False
+    """LangChain's `streaming` flag: when True, `invoke`/`ainvoke` run through the streaming path (so
+    streaming callbacks get every chunk)."""
+    max_retries: int = 0
+    """LangChain's standard parameter, accepted for compatibility: a local run has no transient failures,
+    so calls are never retried (an int >= 0)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
     _closed: bool = PrivateAttr(default=False)
+
+    def __init__(self, **settings: Any) -> None:
+        """Settings are checked here, without loading any weights; a bad or unknown one raises an
+        InvalidArgumentError saying what to change."""
+        try:
+            super().__init__(**settings)
+        except ValidationError as error:
+            raise InvalidArgumentError(_describe(error, type(self))) from None
+
+    # ---- checks of the settings (no weights are loaded) -------------------------------------------
+    @field_validator("model", mode="before")
+    @classmethod
+    def _check_model(cls, value: Any) -> Any:
+        check_model_reference(value)
+        return value
+
+    @field_validator("n_workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: Any) -> int:
+        return validation.positive_integer(value, "n_workers", MAX_WORKERS)
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _check_max_tokens(cls, value: Any) -> int:
+        return validation.positive_integer(value, "max_tokens")
+
+    @field_validator("max_retries", mode="before")
+    @classmethod
+    def _check_retries(cls, value: Any) -> int:
+        return validation.integer(value, "max_retries", minimum=0)
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _check_temperature(cls, value: Any) -> float:
+        return SamplingParams(temperature=value).temperature
+
+    @field_validator("top_p", mode="before")
+    @classmethod
+    def _check_top_p(cls, value: Any) -> float:
+        return SamplingParams(top_p=value).top_p
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _check_top_k(cls, value: Any) -> int:
+        return SamplingParams(top_k=value).top_k
+
+    @field_validator("repetition_penalty", mode="before")
+    @classmethod
+    def _check_repetition_penalty(cls, value: Any) -> float:
+        penalty = validation.real(value, "repetition_penalty", "a finite number > 0 (1.0: off)")
+        if penalty <= 0:
+            raise InvalidArgumentError(f"repetition_penalty must be > 0 (1.0: off), got {value}")
+        return penalty
+
+    @field_validator("max_context", mode="before")
+    @classmethod
+    def _check_max_context(cls, value: Any) -> int | None:
+        return None if value is None else validation.positive_integer(value, "max_context")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _check_seed(cls, value: Any) -> int | None:
+        return validation.seed(value)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value: Any) -> list[str] | None:
+        return None if value is None else list(validation.stop_strings(value))
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _check_timeout(cls, value: Any) -> float | None:
+        return validation.timeout(value, "timeout_s")
+
+    @field_validator("tool_timeout_s", mode="before")
+    @classmethod
+    def _check_tool_timeout(cls, value: Any) -> float | None:
+        return validation.timeout(value, "tool_timeout_s", optional=False)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _check_protocol(cls, value: Any) -> str | None:
+        if value is not None:
+            Protocol(value)  # an unknown name or a broken template fails here, with the template's name
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _check_device(cls, value: Any) -> str | None:
+        if value is not None:
+            resolve_device(value)
+        return value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _check_dtype(cls, value: Any) -> str | None:
+        if value is not None:
+            resolve_dtype(value, torch.device("cpu"))
+        return value
+
+    @model_validator(mode="after")
+    def _check_workers_have_names(self) -> ChatHogwild:
+        if self.protocol is not None and self.n_workers > len(WORKER_NAMES):
+            raise InvalidArgumentError(
+                f"n_workers={self.n_workers} is more than the {len(WORKER_NAMES)} worker names a protocol "
+                "has; use fewer workers, or protocol=None."
+            )
+        return self
 
     # ---- identity --------------------------------------------------------------------------------
     @property
@@ -329,6 +468,7 @@ class ChatHogwild(BaseChatModel):
         return chat, native
 
     def _spec(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> CallSpec:
+        _check_call_kwargs(kwargs)
         engine = self.get_engine()
         settings = {name: kwargs.get(name, getattr(self, name)) for name in _CALL_OPTIONS}
         tools: list[dict[str, Any]] = list(kwargs.get("tools") or [])
@@ -581,6 +721,33 @@ async def _areport(manager: AsyncCallbackManagerForLLMRun | None, writer: Any, e
         writer({"event": TOKEN_EVENT, **payload})
 
 
+def _check_call_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse call keyword arguments ChatHogwild does not use (instead of ignoring them)."""
+    unknown = sorted(set(kwargs) - {*_CALL_OPTIONS, *_LANGCHAIN_CALL_KWARGS})
+    if unknown:
+        raise InvalidArgumentError(
+            f"Unknown call option(s) {', '.join(map(repr, unknown))} for ChatHogwild; per-call options are "
+            f"{', '.join(_CALL_OPTIONS)} (tools go through bind_tools, JSON output through "
+            "with_structured_output)."
+        )
+
+
+def _describe(error: ValidationError, model: type[BaseModel]) -> str:
+    """A pydantic ValidationError as one message per bad setting, each saying what to change."""
+    problems = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"Unknown setting {name!r} for {model.__name__}{hint}")
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            known = not name or name in message  # our own messages name the setting and the value
+            problems.append(message if known else f"{name}: {message} (got {item.get('input')!r})")
+    return " ".join(problems)
+
+
 def _reset(var: ContextVar[Any], token: Token[Any]) -> None:
     """Undo `var.set`; a stream finalized from another context cannot, and need not."""
     with contextlib.suppress(ValueError):
@@ -599,8 +766,8 @@ def _with_repetition_penalty(
     """The caller's logits processors, with transformers' repetition penalty first for every worker."""
     if penalty == 1.0:
         return processors
-    if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0: off), got {penalty}")
+    if not penalty > 0:
+        raise InvalidArgumentError(f"repetition_penalty must be > 0 (1.0: off), got {penalty}")
     penalise = RepetitionPenaltyLogitsProcessor(penalty)
     return {w: [penalise, *own] for w, own in enumerate(per_worker_processors(processors, n_workers))}
 

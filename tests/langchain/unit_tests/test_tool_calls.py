@@ -50,3 +50,9 @@ def test_parser_never_crashes_on_random_text(text: str) -> None:
 def test_parser_never_crashes_on_any_unicode(text: str) -> None:
     parse_tool_calls(text)
     parse_tool_calls("<tool_call>" + text)
+
+
+def test_deep_calls_are_malformed_not_crashes() -> None:
+    deep = "[" * 3000 + "]" * 3000
+    (call,) = parse_tool_calls('<tool_call>{"name": "f", "arguments": ' + deep + "}</tool_call>")
+    assert call.error == "tool call is nested 3001 levels deep (at most 64)"
