@@ -173,9 +173,10 @@ def _serve(args: argparse.Namespace) -> int:
             "pip install 'hogwild-agents[serve]'"
         ) from None
     if args.ray:
-        server = {f: getattr(config, f) for f in ServerConfig.__dataclass_fields__}
+        settings = {f: getattr(config, f) for f in ServerConfig.__dataclass_fields__}
+        settings["protocol"] = settings["protocol"] or "none"
         options = dict(model=args.model, device=args.device, dtype=args.dtype, replicas=args.replicas)
-        ray_app.run(ray_app.AppArgs(**options, server=server), args.host, args.port, args.ray_address)
+        ray_app.run(ray_app.AppArgs(**options, **settings), args.host, args.port, args.ray_address)
         return 0
     engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     uvicorn.run(create_app(engine, config), host=args.host, port=args.port)

@@ -374,6 +374,7 @@ def test_server_config_refuses_bad_defaults() -> None:
 
 
 # ---- the command line and the package --------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # Ray's own pydantic v1 usage
 def test_hogwild_serve_builds_the_app_from_its_options(monkeypatch, tiny_engines) -> None:
     import uvicorn
 
@@ -401,6 +402,17 @@ def test_hogwild_serve_builds_the_app_from_its_options(monkeypatch, tiny_engines
     assert (config.layout, config.max_tokens) == ("contiguous", 64)
     with pytest.raises(SystemExit, match="max_tokens must be between 1 and max_tokens_limit"):
         cli.main(["serve", "--max-tokens", "5000"])
+
+    from hogwild_agents.server import ray_app
+
+    deployed = {}
+    monkeypatch.setattr(ray_app, "run", lambda args, *where: deployed.update(args=args, where=where))
+    assert (
+        cli.main(["serve", "m", "--ray", "--replicas", "2", "--protocol", "none", "--host", "0.0.0.0"]) == 0
+    )
+    args = deployed["args"]
+    assert (args.model, args.replicas, deployed["where"]) == ("m", 2, ("0.0.0.0", 8000, None))
+    assert args.server_config() == ServerConfig(model_name="m", protocol=None)
 
 
 def test_importing_the_library_needs_no_server_packages() -> None:

@@ -51,7 +51,10 @@ def ray_url(tiny_model_dir):
                 "model": tiny_model_dir,
                 "replicas": 2,
                 "num_gpus": 0,
-                "server": {"model_name": "tiny", "protocol": None, "max_tokens": 8, "temperature": 0.0},
+                "model_name": "tiny",
+                "protocol": "none",
+                "max_tokens": "8",  # as `serve run ... max_tokens=8` passes it
+                "temperature": 0.0,
             }
         )
         deployed = threading.Thread(target=serve.run, args=(app,), kwargs={"name": APP_NAME}, daemon=True)

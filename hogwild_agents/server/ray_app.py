@@ -25,12 +25,13 @@ APP_NAME = "hogwild"
 
 
 class AppArgs(BaseModel):
-    """Arguments of `build_app`: where the model comes from, how many replicas, the server's settings."""
+    """Arguments of `build_app`: where the model comes from, the replicas, and the server's settings
+    (`ServerConfig`'s fields; left out: its defaults). `serve run` passes them as strings (`key=value`)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = None
-    """Model directory, id or .gguf file (None: the embedded SmolLM2-135M-Instruct)."""
+    """Model directory, id or .gguf file, the same on every node (None: the embedded SmolLM2-135M)."""
     device: str | None = None
     dtype: str | None = None
     replicas: int = Field(default=1, ge=1)
@@ -38,12 +39,23 @@ class AppArgs(BaseModel):
     """GPUs per replica (None: 1 when the cluster, or this machine, has GPUs; else 0)."""
     max_ongoing_requests: int = Field(default=64, ge=1)
     """Requests one replica takes at once (they share its engine's forwards)."""
-    server: dict[str, Any] = Field(default_factory=dict)
-    """`ServerConfig` fields: model_name, n_workers, protocol, layout, max_tokens, temperature, top_p,
-    max_tokens_limit, max_request_bytes, api_key."""
+    model_name: str | None = None
+    n_workers: int | None = None
+    protocol: str | None = None
+    """A shipped protocol, a template path on every node, or "none" (raw workers)."""
+    layout: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens_limit: int | None = None
+    max_request_bytes: int | None = None
+    api_key: str | None = None
 
     def server_config(self) -> ServerConfig:
-        settings = dict(self.server)
+        fields = set(ServerConfig.__dataclass_fields__)
+        settings = {k: v for k, v in self.model_dump(include=fields).items() if v is not None}
+        if settings.get("protocol") == "none":
+            settings["protocol"] = None
         if self.model is not None:
             settings.setdefault("model_name", self.model)
         return ServerConfig(**settings)
