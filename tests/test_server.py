@@ -425,3 +425,15 @@ def test_importing_the_library_needs_no_server_packages() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_load_benchmark_smoke(tmp_path) -> None:
+    from benchmarks import serve_load
+
+    results = serve_load.main(["--quick", "--protocol", "none", "--json", str(tmp_path / "out.json")])
+    assert results["all_complete"] and results["same_text"] == 4
+    for kind in ("concurrent", "sequential"):
+        row = results[kind]
+        assert row["completion_tokens"] == 4 * 2 * 4  # requests x workers x tokens: random weights never stop
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p95_s"]
+    assert json.loads((tmp_path / "out.json").read_text())["setup"]["requests"] == 4

@@ -82,7 +82,7 @@ def create_app(engine: HogwildEngine, config: ServerConfig | None = None) -> Fas
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("request failed")
+        # the error is raised on after this response is sent, and the ASGI server logs it
         body = APIError(f"Internal server error: {error}", status=500, type="server_error").body()
         return JSONResponse(body, status_code=500)
 
