@@ -161,38 +161,29 @@ def test_json_schema_response_format(client) -> None:
 
 # ---- langchain-openai ----------------------------------------------------------------------------
 def test_chat_openai(smol_url) -> None:
-    llm = ChatOpenAI(model=MODEL, base_url=f"{smol_url}/v1", api_key=KEY, max_retries=0, **SMALL)
+    """Raw workers (protocol "none"): their answer streams as content while it is written."""
+    options = {"model": MODEL, "base_url": f"{smol_url}/v1", "api_key": KEY, "max_retries": 0}
+    llm = ChatOpenAI(**options, **SMALL, extra_body={"protocol": "none"})
     message = llm.invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage) and message.content
-    streamed = sum(llm.stream("What is 2 + 3?", stream_usage=True), AIMessageChunk(""))
-    assert streamed.content == message.content
-    assert streamed.usage_metadata["output_tokens"] == message.usage_metadata["output_tokens"]
+    streamed = list(llm.stream("What is 2 + 3?", stream_usage=True))
+    assert sum(bool(chunk.content) for chunk in streamed) > 1  # live, not in one piece
+    whole = sum(streamed, AIMessageChunk(""))
+    assert whole.content == message.content
+    assert whole.usage_metadata["output_tokens"] == message.usage_metadata["output_tokens"]
 
-    raw = llm.bind(extra_body={"protocol": "none"})
-    call = raw.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Paris?")
+    call = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Paris?")
     assert [c["name"] for c in call.tool_calls] == ["get_weather"] and "city" in call.tool_calls[0]["args"]
-    followup = llm.bind_tools([WEATHER]).invoke(
-        [
-            HumanMessage("Weather in Paris?"),
-            call,
-            ToolMessage("Sunny, 21 degrees.", tool_call_id=call.tool_calls[0]["id"]),
-        ]
-    )
-    assert followup.content
+    result = ToolMessage("Sunny, 21 degrees.", tool_call_id=call.tool_calls[0]["id"])
+    followup = llm.invoke([HumanMessage("Weather in Paris?"), call, result])  # no tools now: an answer
+    assert followup.content and not followup.tool_calls
 
     class City(BaseModel):
         name: str = Field(description="the city's name")
         country: str = Field(description="its country")
 
-    structured = ChatOpenAI(
-        model=MODEL,
-        base_url=f"{smol_url}/v1",
-        api_key=KEY,
-        max_retries=0,
-        max_tokens=24,
-        extra_body={"protocol": "none"},
-    ).with_structured_output(City, method="json_schema")
-    assert isinstance(structured.invoke("Name a city in France."), City)
+    structured = ChatOpenAI(**options, max_tokens=24, extra_body={"protocol": "none"})
+    assert isinstance(structured.with_structured_output(City, method="json_schema").invoke("A city?"), City)
 
 
 # ---- refusals ------------------------------------------------------------------------------------
@@ -374,7 +365,6 @@ def test_server_config_refuses_bad_defaults() -> None:
 
 
 # ---- the command line and the package --------------------------------------------------------------
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # Ray's own pydantic v1 usage
 def test_hogwild_serve_builds_the_app_from_its_options(monkeypatch, tiny_engines) -> None:
     import uvicorn
 

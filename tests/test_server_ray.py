@@ -15,7 +15,6 @@ from ray import serve
 
 from tests.conftest import build_tiny_engine
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # Ray's own pydantic v1 usage
 DEPLOY_TIMEOUT_S = 240
 QUESTION = [{"role": "user", "content": "Tell me a story."}]
 
