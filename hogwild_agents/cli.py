@@ -133,6 +133,12 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-request-bytes", type=int, default=1_000_000, help="largest request body (default 1000000)"
     )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds one request's run may take (default: none)",
+    )
     serve.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve, one engine each")
     serve.add_argument("--replicas", type=int, default=1, help="with --ray: number of replicas (default 1)")
     serve.add_argument(
@@ -156,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             max_tokens_limit=args.max_tokens_limit,
             max_request_bytes=args.max_request_bytes,
+            timeout_s=args.request_timeout,
             api_key=args.api_key or None,
         )
     except ValueError as error:

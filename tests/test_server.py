@@ -295,7 +295,9 @@ def test_a_dropped_request_cancels_its_run(tiny) -> None:
 
 # ---- validation without a server ---------------------------------------------------------------------
 def test_request_defaults_and_overrides() -> None:
-    config = ServerConfig(n_workers=3, protocol="collaborate", layout="interleaved", max_tokens=64)
+    config = ServerConfig(
+        n_workers=3, protocol="collaborate", layout="interleaved", max_tokens=64, timeout_s=9
+    )
     base = {"model": config.model_name, "messages": QUESTION}
     call = prepare(parse_request(json.dumps(base).encode()), config)
     assert {k: call.options[k] for k in ("n_workers", "protocol", "layout", "max_tokens")} == {
@@ -304,7 +306,7 @@ def test_request_defaults_and_overrides() -> None:
         "layout": "interleaved",
         "max_tokens": 64,
     }
-    assert call.reasoning and not call.stream
+    assert call.reasoning and not call.stream and call.options["timeout_s"] == 9
     raw = {
         **base,
         "protocol": None,

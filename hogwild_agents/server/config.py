@@ -16,8 +16,9 @@ class ServerConfig:
     """`model_name`: the id clients send as `model` (and /v1/models lists). `n_workers`, `protocol`
     (a shipped name, a template path, or None for raw workers), `layout`, `max_tokens` (per worker),
     `temperature`, `top_p`: defaults for requests that omit them. `max_tokens_limit`: the largest
-    `max_tokens` a request may ask for; `max_request_bytes`: the largest request body; `api_key`: when
-    set, /v1 routes need `Authorization: Bearer <api_key>`."""
+    `max_tokens` a request may ask for; `max_request_bytes`: the largest request body; `timeout_s`: the
+    wall-clock limit of one request's run (then its workers stop, finish reason "length"); `api_key`:
+    when set, /v1 routes need `Authorization: Bearer <api_key>`."""
 
     model_name: str = DEFAULT_MODEL_NAME
     n_workers: int = 2
@@ -28,6 +29,7 @@ class ServerConfig:
     top_p: float = 1.0
     max_tokens_limit: int = 4096
     max_request_bytes: int = 1_000_000
+    timeout_s: float | None = None
     api_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -50,6 +52,8 @@ class ServerConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.protocol is not None:
             Protocol(self.protocol)  # a clear error now for an unknown name or a broken template
         if self.api_key is not None and not self.api_key:

@@ -67,6 +67,7 @@ def prepare(request: schemas.ChatCompletionRequest, config: ServerConfig) -> Cal
         "top_p": config.top_p if request.top_p is None else request.top_p,
         "seed": request.seed,
         "stop": request.stops,
+        "timeout_s": config.timeout_s,
     }
     if request.tools:
         options["tools"] = [

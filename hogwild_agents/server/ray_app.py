@@ -49,6 +49,7 @@ class AppArgs(BaseModel):
     top_p: float | None = None
     max_tokens_limit: int | None = None
     max_request_bytes: int | None = None
+    timeout_s: float | None = None
     api_key: str | None = None
 
     def server_config(self) -> ServerConfig:
