@@ -32,6 +32,7 @@ from hogwild_agents.results import (
 )
 from hogwild_agents.run import HogwildRun
 from hogwild_agents.sampling import SamplingParams
+from hogwild_agents.server.config import DEFAULT_MODEL_NAME
 from hogwild_agents.transcript import render_html
 from hogwild_agents.views import LAYOUTS
 
@@ -141,12 +142,147 @@ def build_parser() -> argparse.ArgumentParser:
         help="live: columns per worker (needs a terminal); plain: streamed text; auto: live on a terminal",
     )
     commands.add_parser("templates", help="list the shipped collaboration protocols")
+    _add_serve_parser(commands)
     bench = commands.add_parser("bench", help="run the benchmark against transformers baselines")
     bench.add_argument(
         "options", nargs=argparse.REMAINDER, help="options passed to `python -m benchmarks.run`"
     )
     add_eval_parsers(commands)
     return parser
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions)",
+        description="An OpenAI-compatible server: /v1/chat/completions (streaming and not), /v1/models, "
+        "/health. Requests may set the extra body fields n_workers, protocol and layout; the options "
+        "below are their defaults. Needs the serve extra: pip install 'hogwild-agents[serve]'.",
+    )
+    serve.add_argument(
+        "model", nargs="?", default=None, help="model directory, id or .gguf file (default: embedded)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument(
+        "--port",
+        type=_option_type(int, lambda n: validation.integer(n, "port", 0, 65535)),
+        default=8000,
+        help="port to listen on (default 8000)",
+    )
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("HOGWILD_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 routes (default: $HOGWILD_API_KEY; none: open)",
+    )
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL)")
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    serve.add_argument(
+        "--workers",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "workers", MAX_WORKERS)),
+        default=2,
+        help="default workers per request (default 2)",
+    )
+    serve.add_argument(
+        "--protocol",
+        default="collaborate",
+        help="default protocol: a shipped name, a template file, or 'none' (default collaborate)",
+    )
+    serve.add_argument(
+        "--layout", choices=LAYOUTS, default="combined", help="default layout (default combined)"
+    )
+    serve.add_argument(
+        "--max-tokens",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "max-tokens")),
+        default=256,
+        help="default tokens per worker (default 256)",
+    )
+    serve.add_argument(
+        "--temperature",
+        type=_option_type(float, _temperature),
+        default=0.6,
+        help="default temperature (default 0.6)",
+    )
+    serve.add_argument(
+        "--top-p",
+        type=_option_type(float, _top_p),
+        default=1.0,
+        help="default nucleus threshold (default 1.0)",
+    )
+    serve.add_argument(
+        "--max-tokens-limit",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "max-tokens-limit")),
+        default=4096,
+        help="largest max_tokens a request may ask (default 4096)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "max-request-bytes")),
+        default=1_000_000,
+        help="largest request body (default 1000000)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=_option_type(float, lambda t: validation.timeout(t, "request-timeout")),
+        default=None,
+        help="seconds one request's run may take (default: none)",
+    )
+    serve.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve, one engine each")
+    serve.add_argument(
+        "--replicas",
+        type=_option_type(int, lambda n: validation.positive_integer(n, "replicas")),
+        default=1,
+        help="with --ray: number of replicas (default 1)",
+    )
+    serve.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --ray: the cluster to join (default: $RAY_ADDRESS or a local one)",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from hogwild_agents.server.config import ServerConfig
+
+        config = ServerConfig(
+            model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+            n_workers=args.workers,
+            protocol=None if args.protocol.lower() == "none" else args.protocol,
+            layout=args.layout,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens_limit=args.max_tokens_limit,
+            max_request_bytes=args.max_request_bytes,
+            timeout_s=args.request_timeout,
+            api_key=args.api_key or None,
+        )
+    except ValueError as error:
+        raise CommandError(f"serve: {error}") from None
+    try:
+        if args.ray:
+            from hogwild_agents.server import ray_app
+        else:
+            import uvicorn
+
+            from hogwild_agents.server.app import create_app
+    except ImportError as error:
+        raise CommandError(
+            f"serve: {error.name or error} is not installed; install the serve extra: "
+            "pip install 'hogwild-agents[serve]'"
+        ) from None
+    if args.ray:  # the replicas load the model (on their own nodes) and check these there
+        settings = {f: getattr(config, f) for f in ServerConfig.__dataclass_fields__}
+        settings["protocol"] = settings["protocol"] or "none"
+        options = dict(model=args.model, device=args.device, dtype=args.dtype, replicas=args.replicas)
+        ray_app.run(ray_app.AppArgs(**options, **settings), args.host, args.port, args.ray_address)
+        return 0
+    resolve_dtype(args.dtype, resolve_device(args.device))
+    check_model_reference(args.model)
+    engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port)
+    return 0
 
 
 BUILTIN_TOOLS = {"calculator": calculator_tool}
@@ -280,6 +416,8 @@ def _command(args: argparse.Namespace) -> int:
 
         bench_main(args.options)
         return 0
+    if args.command == "serve":
+        return _serve(args)
     if args.command == "eval":
         return eval_command(args)
     if args.command == "eval-report":

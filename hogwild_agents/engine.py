@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hogwild_agents import attention, validation
 from hogwild_agents.cache import KVPool, KVShape
-from hogwild_agents.encoding import MarkedText, TextEncoder, render_chat
+from hogwild_agents.encoding import TextEncoder, render_chat
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
@@ -112,21 +111,20 @@ class HogwildEngine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def busy(self) -> bool:
+        """True while any submitted run is queued or running."""
+        return self.scheduler.busy
+
+    def new_pool(self) -> KVPool:
+        """An empty KV pool of this model's shape (a stepped run's private cache)."""
+        return KVPool(self.kv_shape, self.rotations)
+
     def encode(self, text: str, *, trusted: bool = True) -> list[int]:
         """Token ids of `text`. Untrusted text (`trusted=False`, or the untrusted spans of a MarkedText
         such as a rendered chat prompt) is encoded with special tokens split: it never yields the ids of
         control tokens like end-of-turn markers."""
         return self.encoder.encode(text, trusted)
-
-    def encode_format(self, template: str, values: dict[str, str]) -> list[int]:
-        """Token ids of `template` with `{name}` fields filled from `values` (untrusted text): the
-        template's own special tokens stay control tokens, a value cannot forge them."""
-        fields = "|".join(re.escape("{" + name + "}") for name in values)
-        pieces = re.split(f"({fields})", template) if fields else [template]
-        marked = MarkedText.join(
-            (values[piece[1:-1]], False) if i % 2 else (piece, True) for i, piece in enumerate(pieces)
-        )
-        return self.encode(marked)
 
     def check_token_ids(self, token_ids: Sequence[int], what: str = "token ids") -> list[int]:
         """`token_ids` as a list of ints, each a token of this model's vocabulary (else a clear error)."""

@@ -635,8 +635,8 @@ class HogwildRun:
             yield Idle(futures, deadline)
 
     def _write_tool_result(self, call: ToolCall) -> RunProgram[None]:
-        values = {"tool": str(call.name), "worker": call.worker_name, "result": call.result or ""}
-        ids = self.engine.encode_format(self.script.tool_result, values)
+        block = self.script.tool_result_block(str(call.name), call.worker_name, call.result or "")
+        ids = self.engine.encode(block)  # the tool's output (untrusted) cannot forge control tokens
         room = self.shared_room()
         if len(ids) > room:  # the context is nearly full: keep what fits
             ids = ids[:room]

@@ -298,6 +298,8 @@ def test_every_call_written_in_one_step_runs_in_order(tiny_engines):
     shared = engine.decode(run.cache.token_ids(0))
     assert shared.index("→ 5") < shared.index("→ 20")  # both results, in call order
     assert run.workers[0].waiting is None and not run.workers[0].finished
+
+
 # ---- deeply nested or oversized JSON: an error result, never an exception ------------------------------
 
 

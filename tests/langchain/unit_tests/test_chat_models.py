@@ -71,6 +71,8 @@ def test_a_schema_that_cannot_constrain_output_fails_when_bound() -> None:
     with pytest.raises(GrammarError, match="tools' parameter schemas"):
         ChatHogwild().bind_tools(tools, tool_choice="f")
     ChatHogwild().bind_tools(tools)  # not enforced under tool_choice auto until a worker opens a call
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
