@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="attention implementation: fast (default), triton (CUDA kernel) or eager (reference)",
     )
+    run.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (torch.compile; CUDA graphs on a GPU): faster steps after a "
+        "one-off compilation per batch shape",
+    )
     run.add_argument("--json", action="store_true", help="print the machine-readable result (JSON) instead")
     run.add_argument(
         "--transcript",
@@ -159,7 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_main(args.options)
         return 0
     tools = _engine_tools(args.tools)
-    engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = HogwildEngine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, compile=args.compile
+    )
     protocol = None if args.protocol.lower() == "none" else args.protocol
     options = dict(
         n_workers=args.workers,

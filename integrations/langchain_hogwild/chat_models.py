@@ -90,10 +90,10 @@ class ChatHogwild(BaseChatModel):
     the values. Integer, number and boolean values (here and in enforced tool arguments) are
     constrained while written: only tokens that keep them valid JSON of their type can be sampled.
 
-    Weights load on first use; instances with the same (model, device, dtype) share one engine, and
-    calls on one engine run one at a time (async calls run in a worker thread). Cancelling an async
-    call, or closing a stream early (`break` out of `stream`, `aclose()` on `astream`), stops its run
-    between two steps and frees the engine.
+    Weights load on first use; instances with the same (model, device, dtype, compile) share one
+    engine, and calls on one engine run one at a time (async calls run in a worker thread). Cancelling
+    an async call, or closing a stream early (`break` out of `stream`, `aclose()` on `astream`), stops
+    its run between two steps and frees the engine.
     """
 
     model: str | None = None
@@ -110,6 +110,9 @@ class ChatHogwild(BaseChatModel):
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False
+    """Compile the engine's decode step (torch.compile; CUDA graphs on a GPU): faster steps after a
+    one-off compilation per batch shape. Part of the key under which loaded engines are shared."""
     engine: HogwildEngine | None = Field(default=None, exclude=True, repr=False)
     """A loaded engine to use instead of loading `model`."""
     engine_tools: list[Any] | None = Field(default=None, exclude=True, repr=False)
@@ -167,7 +170,9 @@ class ChatHogwild(BaseChatModel):
 
     def get_engine(self) -> HogwildEngine:
         """The engine this model runs on (loaded now if needed)."""
-        return self.engine if self.engine is not None else get_engine(self.model, self.device, self.dtype)
+        if self.engine is not None:
+            return self.engine
+        return get_engine(self.model, self.device, self.dtype, self.compile)
 
     # ---- tokens ----------------------------------------------------------------------------------
     def get_num_tokens(self, text: str) -> int:
