@@ -153,7 +153,7 @@ def measure(engine: HogwildEngine, ids: list[int], workers: Sequence[int], compi
             row[name] = dict(
                 ops=total,
                 ops_per_layer=total / engine.n_layers,
-                top=dict(counter.ops.most_common(8)),
+                by_name=dict(counter.ops.most_common()),
                 counted_by="profiler" if isinstance(counter, ProfiledCounter) else "dispatch mode",
             )
             if device.type == "cuda":

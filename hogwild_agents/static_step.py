@@ -218,7 +218,8 @@ class StaticDecodeStep:
                 logits = self._forward(
                     self.model, self._no_mask, pool, ints, tables.row_bucket, tables.page_bucket
                 )
-        return logits[0, : tables.rows].float()
+        # a copy: a CUDA graph writes its next logits into the same static output
+        return logits[0, : tables.rows].to(torch.float32, copy=True)
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def _replay(self, pool: KVPool, tables: DecodeTables) -> torch.Tensor:

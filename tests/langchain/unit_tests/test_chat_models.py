@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from langchain_hogwild import ChatHogwild
+from langchain_hogwild import ChatHogwild, _registry
 
 
 class TestChatHogwildUnit(ChatModelUnitTests):
@@ -31,3 +31,22 @@ def test_construction_is_lazy_and_fields_override() -> None:
     assert params["ls_stop"] == ["x"]
     assert model._identifying_params["n_workers"] == 3
     assert "engine" not in model.model_dump()
+
+
+def test_compile_is_passed_to_the_engine_and_keys_its_sharing(monkeypatch) -> None:
+    """Engines are shared per (model, device, dtype, compile): a compiled one never serves a call that
+    asked for none, and the other way round."""
+    loaded = []
+
+    def from_pretrained(model=None, **options):
+        loaded.append(options["compile"])
+        return object()
+
+    monkeypatch.setattr(_registry.HogwildEngine, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(_registry, "_engines", {})
+    compiled = ChatHogwild(model="some-model", compile=True)
+    plain = ChatHogwild(model="some-model")
+    assert compiled.get_engine() is compiled.get_engine()
+    assert plain.get_engine() is not compiled.get_engine()
+    assert loaded == [True, False]
+    assert ChatHogwild(model="some-model", compile=True).model_dump()["compile"] is True
