@@ -56,10 +56,6 @@ class DecodeTables:
     row_bucket: int  # R
     page_bucket: int  # P
 
-    @staticmethod
-    def size(rows: int, pages: int) -> int:
-        return _ROW_FIELDS * rows + 3 * rows * pages
-
 
 def view_pages(plan: ForwardPlan) -> list[int]:
     """Pages of each row's view, the row's own new token included."""
@@ -248,7 +244,8 @@ class StaticDecodeStep:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: CUDA calls of other threads (callers waiting on events) do not break the capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             logits = self._forward(*args)
         return _Captured(graph, ints, logits, pool.k, pool.v)
 
