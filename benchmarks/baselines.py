@@ -6,6 +6,9 @@ N rows, so no baseline pays N prompt prefills that the engine does not.
 
 - `DecodeBaseline`: N independent sequences in one `DynamicCache`, one token per row per step: the
   per-token step of `generate` with N sequences, timed step by step.
+- `StaticDecodeBaseline`: the same in a `StaticCache` (preallocated to a fixed length), optionally with
+  the forward compiled (`torch.compile`; on CUDA mode "reduce-overhead", i.e. CUDA graphs): the
+  fastest plain transformers decode of N sequences.
 - `generate_step_times`: real `model.generate` with N sequences, timed step by step.
 - `message_passing`: N agents that, every K tokens, each re-prefill the others' new tokens into their
   own caches (batched over agents, the cheapest form of that baseline).
@@ -18,7 +21,27 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, StaticCache
+
+
+class EmbeddedTokens:
+    """Counts the tokens a model actually embeds (a forward hook on its input embeddings), while
+    entered: the ground truth for "tokens processed", whatever the caller's own counters say."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.embeddings = model.get_input_embeddings()
+        self.count = 0
+        self._handle = None
+
+    def _hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.count += inputs[0].numel()
+
+    def __enter__(self) -> EmbeddedTokens:
+        self._handle = self.embeddings.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
 
 
 def synchronize(device: torch.device) -> None:
@@ -75,6 +98,47 @@ class DecodeBaseline:
         return self.cache.get_seq_length()
 
 
+class StaticDecodeBaseline:
+    """N independent sequences decoded greedily in lockstep over a `StaticCache` of `max_len` tokens
+    (prompt copied in), one forward (batch N) per token; `compile`: the forward compiled."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        prompt: DynamicCache,
+        last_token: int,
+        n: int,
+        max_len: int,
+        compile: bool = False,
+    ) -> None:
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        for index, layer in enumerate(prompt.layers):  # the prompt's K/V, copied to N rows
+            self.cache.update(layer.keys.repeat(n, 1, 1, 1), layer.values.repeat(n, 1, 1, 1), index)
+        self.next = torch.full((n, 1), last_token, device=model.device)  # [n, 1]
+        self.forward = model.forward
+        if compile:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self.forward = torch.compile(model.forward, fullgraph=True, mode=mode)
+
+    def steps(self, count: int) -> list[float]:
+        """Run `count` decode steps; return each step's seconds."""
+        times = []
+        with torch.inference_mode():
+            for _ in range(count):
+                start = time.perf_counter()
+                out = self.forward(input_ids=self.next, past_key_values=self.cache, use_cache=True)
+                self.next = out.logits[:, -1].argmax(dim=-1, keepdim=True).clone()
+                synchronize(self.model.device)
+                times.append(time.perf_counter() - start)
+        return times
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes allocated (and read by each step's attention): N x max_len tokens."""
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self.cache.layers)
+
+
 class _StepClock(LogitsProcessor):
     """Stamps the time at every decoding step of `generate` (it runs once per step, after the forward)."""
 
@@ -119,7 +183,7 @@ class MessagePassingResult:
     sync_every: int
     rounds: int
     own_tokens: int  # tokens the agents generated and fed once
-    processed_tokens: int  # tokens through the model after the prompt
+    processed_tokens: int  # tokens the model embedded after the prompt (counted by a hook)
     re_encoded_tokens: int  # others' tokens re-prefilled into each agent's cache
     kv_tokens: int  # tokens held in all agents' caches at the end (prompt copies included)
     wall_s: float
@@ -132,16 +196,14 @@ def message_passing(
     other agents' tokens of that round (in agent order) into its own cache, in one batched forward."""
     cache = replicate(model, prompt, n)
     feed = [[last_token] for _ in range(n)]
-    processed = 0
     synchronize(model.device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), EmbeddedTokens(model) as embedded:
         for round_index in range(rounds):
             new: list[list[int]] = [[] for _ in range(n)]
             for _ in range(sync_every):
                 x = torch.tensor(feed, device=model.device)  # [n, tokens]
                 out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                processed += x.numel()
                 chosen = out.logits[:, -1].argmax(dim=-1).tolist()
                 for agent, token in enumerate(chosen):
                     new[agent].append(token)
@@ -159,8 +221,8 @@ def message_passing(
         sync_every=sync_every,
         rounds=rounds,
         own_tokens=own,
-        processed_tokens=processed,
-        re_encoded_tokens=processed - own,
+        processed_tokens=embedded.count,
+        re_encoded_tokens=embedded.count - own,
         kv_tokens=n * cache.get_seq_length(),
         wall_s=wall,
     )

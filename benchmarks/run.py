@@ -2,17 +2,23 @@
 
     python -m benchmarks.run                        # embedded SmolLM2-135M, CPU, context 1024
     python -m benchmarks.run --quick --config tiny  # smoke test (seconds)
-    python -m benchmarks.run --device cuda --config qwen2.5-7b --context 8192 --workers 1,2,4,8
+    python -m benchmarks.run --device cuda --config qwen2.5-7b --context 8192 --workers 1,2,4,8 --compile
 
 Reports, as ratios:
 1. step latency of N workers vs the per-token step of batched decoding of N independent sequences
-   (a DynamicCache holding N sequences of the context length) and vs real `generate` with N sequences;
-2. total tokens/s of N workers vs single-stream `generate` (batch 1);
-3. tokens processed so that N workers see each other every K tokens: the shared cache vs message
-   passing (every K tokens each agent re-prefills the others' new tokens), with wall times;
-4. KV-cache bytes vs tokens stored;
+   (transformers with a DynamicCache, and with a StaticCache) and vs real `generate` with N sequences;
+   with `--compile`, also the compiled static decode step (`HogwildEngine(compile=True)`) against the
+   eager step and against the compiled StaticCache decode;
+2. total tokens/s of N workers vs single-stream `generate` (batch 1), beside the same ratio for
+   batched decode of N independent sequences (what batching alone gives);
+3. tokens the model embeds so that N workers see each other every K tokens (counted by a hook on the
+   input embeddings): the shared cache vs message passing (every K tokens each agent re-prefills the
+   others' new tokens), with wall times;
+4. KV-cache bytes: used (tokens stored) and allocated (pages held; the pool's storage), vs the baselines';
 5. with a bandwidth (default on CUDA: H100 SXM, 3.35e12 B/s): the memory-bandwidth bound of a step,
-   (weight bytes + KV bytes read) / bandwidth.
+   (weight bytes + KV bytes read) / bandwidth;
+6. with `--attention-context C`: one layer's attention over N workers' views of C tokens against SDPA
+   over N sequences of C tokens.
 Every worker attends to the whole prompt (`--context` tokens of repeated text). End-of-sequence tokens
 are ignored so that every stream decodes the same number of tokens.
 """
@@ -37,6 +43,8 @@ import transformers
 from benchmarks import report
 from benchmarks.baselines import (
     DecodeBaseline,
+    EmbeddedTokens,
+    StaticDecodeBaseline,
     generate_step_times,
     message_passing,
     prefill,
@@ -67,6 +75,8 @@ class Settings:
     bandwidth: float | None
     threads: int | None
     attention: str = "fast"
+    compile: bool = False
+    attention_context: int | None = None
 
 
 class HogwildBench:
@@ -100,56 +110,81 @@ def measure(settings: Settings) -> dict[str, Any]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     engine = load_engine(settings.model, settings.config, settings.device, settings.dtype)
+    compiled = compiled_engine(engine) if settings.compile else None
     model = engine.model
     ids = prompt_ids(engine, settings.context, vocabulary=settings.config is None)
     prompt = prefill(model, ids[:-1])  # the baselines' shared starting point
     bytes_per_token = 2 * engine.n_layers * engine.kv_heads * engine.head_dim * _element_size(engine.dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     new_tokens = settings.warmup + settings.repeats * settings.steps
+    static_len = settings.context + new_tokens + 1  # the StaticCache holds every token it decodes
     results: dict[str, Any] = {
         "setup": _setup(settings, engine, weight_bytes, bytes_per_token),
         "latency": [],
+        "compiled": [],
         "throughput": [],
         "message_passing": [],
         "kv_cache": [],
         "bandwidth": [],
+        "attention": [],
     }
 
     for n in settings.workers:
         hog = HogwildBench(engine, ids, n, new_tokens + 4, settings.layout, settings.attention)
+        hog_c = HogwildBench(compiled, ids, n, new_tokens + 4, settings.layout, "fast") if compiled else None
         decode = DecodeBaseline(model, prompt, ids[-1], n)
-        hog.steps(settings.warmup)
-        decode.steps(settings.warmup)
-        hog_times: list[float] = []
-        decode_times: list[float] = []
-        generate_times: list[float] = []
-        single_times: list[float] = []
+        static = StaticDecodeBaseline(model, prompt, ids[-1], n, static_len)
+        static_c = (
+            StaticDecodeBaseline(model, prompt, ids[-1], n, static_len, compile=True) if compiled else None
+        )
+        timed = {"hogwild": hog, "decode": decode, "static": static, "hogwild_c": hog_c, "static_c": static_c}
+        timed = {name: bench for name, bench in timed.items() if bench is not None}
+        for bench in timed.values():  # the compiled ones compile here
+            bench.steps(settings.warmup)
+        times: dict[str, list[float]] = {name: [] for name in (*timed, "generate", "single")}
         for _ in range(settings.repeats):  # interleaved, so that all see the same machine load
-            hog_times += hog.steps(settings.steps)
-            decode_times += decode.steps(settings.steps)
-            generate_times += generate_step_times(model, prompt, ids, n, settings.steps)
-            single_times += generate_step_times(model, prompt, ids, 1, settings.steps) if n > 1 else []
-        hog_ms, decode_ms, generate_ms = map(median_ms, (hog_times, decode_times, generate_times))
-        single_ms = median_ms(single_times) if n > 1 else generate_ms
+            for name, bench in timed.items():
+                times[name] += bench.steps(settings.steps)
+            times["generate"] += generate_step_times(model, prompt, ids, n, settings.steps)
+            times["single"] += generate_step_times(model, prompt, ids, 1, settings.steps) if n > 1 else []
+        ms = {name: median_ms(t) for name, t in times.items() if t}
+        ms.setdefault("single", ms["generate"])
         results["latency"].append(
             dict(
                 workers=n,
-                hogwild_ms=hog_ms,
-                decode_ms=decode_ms,
-                generate_ms=generate_ms,
-                vs_decode=hog_ms / decode_ms,
-                vs_generate=hog_ms / generate_ms,
+                hogwild_ms=ms["hogwild"],
+                decode_ms=ms["decode"],
+                static_decode_ms=ms["static"],
+                generate_ms=ms["generate"],
+                vs_decode=ms["hogwild"] / ms["decode"],
+                vs_static_decode=ms["hogwild"] / ms["static"],
+                vs_generate=ms["hogwild"] / ms["generate"],
             )
         )
+        if hog_c is not None:
+            results["compiled"].append(
+                dict(
+                    workers=n,
+                    hogwild_compiled_ms=ms["hogwild_c"],
+                    hogwild_eager_ms=ms["hogwild"],
+                    static_decode_compiled_ms=ms["static_c"],
+                    compiled_vs_eager=ms["hogwild_c"] / ms["hogwild"],
+                    vs_static_decode_compiled=ms["hogwild_c"] / ms["static_c"],
+                    buckets=sorted(compiled.decode_step.buckets_used),
+                )
+            )
         results["throughput"].append(
             dict(
                 workers=n,
-                hogwild_tokens_per_s=1e3 * n / hog_ms,
-                single_stream_tokens_per_s=1e3 / single_ms,
-                ratio=n * single_ms / hog_ms,
+                hogwild_tokens_per_s=1e3 * n / ms["hogwild"],
+                single_stream_tokens_per_s=1e3 / ms["single"],
+                ratio=n * ms["single"] / ms["hogwild"],
+                decode_tokens_per_s=1e3 * n / ms["decode"],
+                decode_ratio=n * ms["single"] / ms["decode"],  # what batching N sequences gives alone
+                compiled_ratio=n * ms["single"] / ms["hogwild_c"] if hog_c else None,
             )
         )
-        cache = hog.run.cache
+        cache, pool = hog.run.cache, hog.run.pool
         results["kv_cache"].append(
             dict(
                 workers=n,
@@ -157,50 +192,74 @@ def measure(settings: Settings) -> dict[str, Any]:
                 bytes_per_token=cache.shape.bytes_per_token,
                 bytes_used=cache.bytes_used,
                 bytes_allocated=cache.bytes_allocated,
+                pool_bytes_allocated=pool.bytes_allocated,
                 baseline_tokens=n * decode.sequence_length,
                 baseline_bytes=decode.kv_bytes,
-                baseline_vs_hogwild=decode.kv_bytes / cache.bytes_used,
+                baseline_vs_used=decode.kv_bytes / cache.bytes_used,
+                baseline_vs_allocated=decode.kv_bytes / cache.bytes_allocated,
+                static_baseline_bytes=static.kv_bytes,
             )
         )
         if settings.bandwidth:
-            hog_bound = (weight_bytes + cache.bytes_used) / settings.bandwidth
-            decode_bound = (weight_bytes + decode.kv_bytes) / settings.bandwidth
             results["bandwidth"].append(
-                dict(
-                    workers=n,
-                    hogwild_bytes_read=weight_bytes + cache.bytes_used,
-                    hogwild_bound_ms=1e3 * hog_bound,
-                    hogwild_vs_bound=hog_ms / (1e3 * hog_bound),
-                    decode_bytes_read=weight_bytes + decode.kv_bytes,
-                    decode_bound_ms=1e3 * decode_bound,
-                    decode_vs_bound=decode_ms / (1e3 * decode_bound),
-                )
+                _bandwidth(n, settings.bandwidth, weight_bytes, cache.bytes_used, decode.kv_bytes, ms)
             )
-        del hog, decode
+        del hog, hog_c, decode, static, static_c, timed
         _free(settings.device)
 
     for n in (n for n in settings.workers if n > 1):
         results["message_passing"].append(_collaboration(engine, prompt, ids, n, settings))
         _free(settings.device)
+    if settings.attention_context:
+        from benchmarks.attention import attention_overhead
+
+        results["attention"] = attention_overhead(engine, settings.attention_context, settings.workers)
     results["targets"] = _targets(results)
     return results
+
+
+def compiled_engine(engine: HogwildEngine) -> HogwildEngine:
+    """An engine over the same model with `compile=True` (end-of-sequence ignored, as in `load_engine`)."""
+    compiled = HogwildEngine(engine.model, engine.tokenizer, compile=True)
+    compiled.eos_token_ids = frozenset()
+    return compiled
+
+
+def _bandwidth(
+    n: int, bandwidth: float, weight_bytes: int, hog_kv: int, decode_kv: int, ms: dict[str, float]
+) -> dict[str, Any]:
+    """Each step's bound: (weights + KV read) / bandwidth, against the measured step times."""
+    hog_bound = 1e3 * (weight_bytes + hog_kv) / bandwidth
+    decode_bound = 1e3 * (weight_bytes + decode_kv) / bandwidth
+    return dict(
+        workers=n,
+        hogwild_bytes_read=weight_bytes + hog_kv,
+        hogwild_bound_ms=hog_bound,
+        hogwild_vs_bound=ms["hogwild"] / hog_bound,
+        hogwild_compiled_vs_bound=ms["hogwild_c"] / hog_bound if "hogwild_c" in ms else None,
+        decode_bytes_read=weight_bytes + decode_kv,
+        decode_bound_ms=decode_bound,
+        decode_vs_bound=ms["decode"] / decode_bound,
+    )
 
 
 def _collaboration(
     engine: HogwildEngine, prompt: Any, ids: list[int], n: int, settings: Settings
 ) -> dict[str, Any]:
-    """N workers that see each other every K tokens: shared cache vs message passing."""
+    """N workers that see each other every K tokens: shared cache vs message passing. Tokens processed
+    are the tokens the model embeds (a hook on the input embeddings), on both sides."""
     total = settings.sync_every * settings.rounds
     hog = HogwildBench(engine, ids, n, total + 4, settings.layout, settings.attention)
     run = hog.run
-    forward_before, stored_before = run.forward_tokens, run.cache.tokens_stored
-    wall = sum(hog.steps(total + 1))  # the first step feeds nothing: the prompt is encoded
-    processed = run.forward_tokens - forward_before
-    stored = run.cache.tokens_stored - stored_before
+    fed_before = sum(len(w.stream) - len(w.pending) for w in run.workers)
+    with EmbeddedTokens(engine.model) as embedded:
+        wall = sum(hog.steps(total + 1))  # the first step feeds nothing: the prompt is encoded
+    fed = sum(len(w.stream) - len(w.pending) for w in run.workers) - fed_before  # tokens written once
     mp = message_passing(engine.model, prompt, ids[-1], n, settings.sync_every, settings.rounds)
     hogwild = dict(
-        processed_tokens=processed,
-        re_encoded_tokens=processed - stored,
+        processed_tokens=embedded.count,
+        own_tokens=fed,
+        re_encoded_tokens=embedded.count - fed,
         kv_tokens=run.cache.tokens_stored,
         wall_s=wall,
     )
@@ -210,21 +269,38 @@ def _collaboration(
         tokens_per_worker=total,
         hogwild=hogwild,
         message_passing=asdict(mp),
-        tokens_ratio=mp.processed_tokens / processed,
+        tokens_ratio=mp.processed_tokens / embedded.count,
         time_ratio=mp.wall_s / wall,
     )
 
 
 def _targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The speed targets at N=4, when N=4 was measured."""
+    """The speed targets at N=4, when N=4 was measured (the compiled ones with --compile)."""
     latency = {row["workers"]: row for row in results["latency"]}
     throughput = {row["workers"]: row for row in results["throughput"]}
     if 4 not in latency:
         return {}
-    return dict(
+    targets = dict(
         latency_vs_decode_n4=dict(value=latency[4]["vs_decode"], target="<= 1.3"),
         throughput_vs_single_n4=dict(value=throughput[4]["ratio"], target=">= 2.5"),
     )
+    compiled = {row["workers"]: row for row in results["compiled"]}
+    if 4 in compiled:
+        targets["compiled_vs_static_decode_compiled_n4"] = dict(
+            value=compiled[4]["vs_static_decode_compiled"], target="<= 1.15"
+        )
+    bandwidth = {row["workers"]: row for row in results["bandwidth"]}
+    if 4 in bandwidth and bandwidth[4]["hogwild_compiled_vs_bound"] is not None:
+        targets["compiled_vs_bandwidth_bound_n4"] = dict(
+            value=bandwidth[4]["hogwild_compiled_vs_bound"], target="<= 1.5"
+        )
+    for row in results["attention"]:
+        limit = {2: "<= 1.2", 4: "<= 1.5"}.get(row["workers"])
+        if limit is not None and row["compiled_vs_sdpa"] is not None:
+            targets[f"attention_vs_sdpa_n{row['workers']}"] = dict(
+                value=row["compiled_vs_sdpa"], target=limit
+            )
+    return targets
 
 
 def _setup(settings: Settings, engine: HogwildEngine, weight_bytes: int, bytes_per_token: int) -> dict:
@@ -282,6 +358,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
     parser.add_argument(
         "--attention", default="fast", choices=IMPLEMENTATIONS, help="the workers' attention (triton: CUDA)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the compiled static decode step (and a compiled StaticCache baseline)",
+    )
+    parser.add_argument(
+        "--attention-context",
+        type=int,
+        help="also time one layer's attention over views of this many tokens against SDPA",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test")
@@ -307,6 +393,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
         bandwidth=args.bandwidth or (H100_BANDWIDTH if device.type == "cuda" else None),
         threads=args.threads,
         attention=args.attention,
+        compile=args.compile,
+        attention_context=args.attention_context,
     )
     if args.quick:
         settings.workers = [w for w in workers if w <= 2] or [1]

@@ -14,6 +14,8 @@ head_dim]`, and a block is a list of pages plus a length. Pages are taken from t
 grows and given back when the run releases its cache, so runs of any length share one storage with at
 most one partly filled page per block. The pool grows by doubling up to its byte cap; a scheduler
 reserves pages for a run before admitting it (`KVPool.reserve`), so admitted runs never exhaust it.
+A pool made with `grow_on_reserve` grows when pages are reserved rather than when they are taken, so
+forwards do not change its storage (a compiled decode step is compiled for one storage size).
 
 Every K/V write goes through `KVPool.write` (new tokens of a forward, finished steps moving into the
 shared history, reused prompt prefixes); attention implementations only read.
@@ -56,7 +58,14 @@ def pages_for(tokens: int) -> int:
 class KVPool:
     """Paged K/V storage shared by runs. `max_bytes` caps the storage (None: no cap)."""
 
-    def __init__(self, shape: KVShape, rotations: Rotations, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        shape: KVShape,
+        rotations: Rotations,
+        max_bytes: int | None = None,
+        *,
+        grow_on_reserve: bool = False,
+    ) -> None:
         self.shape = shape
         self.rotations = rotations
         self.page_bytes = shape.bytes_per_token * PAGE_SIZE
@@ -71,6 +80,8 @@ class KVPool:
         self._free: list[int] = []  # a heap: the lowest free page first, so blocks stay compact
         self._in_use = 0
         self.reserved = 0  # pages promised to admitted runs (see `reserve`)
+        self._scratch: int | None = None
+        self.grow_on_reserve = grow_on_reserve
 
     def _storage(self, pages: int) -> torch.Tensor:
         s = self.shape
@@ -103,11 +114,21 @@ class KVPool:
                 f"cannot reserve {pages} pages: {self.reserved} of {self.max_pages} taken"
             )
         self.reserved += pages
+        if self.grow_on_reserve and self.reserved > self.n_pages:
+            self._grow(self.reserved)
 
     def unreserve(self, pages: int) -> None:
         self.reserved = max(0, self.reserved - pages)
         if self._in_use == 0 and self.reserved == 0:
             self.trim()
+
+    def scratch_page(self) -> int:
+        """A page no block owns, for the padding rows of a static decode step to write into. Taken (and
+        reserved) on first use and held for the pool's life, so the storage is never trimmed after."""
+        if self._scratch is None:
+            self.reserve(1)
+            self._scratch = self.allocate(1)[0]
+        return self._scratch
 
     # ---- pages ---------------------------------------------------------------------------------
     def allocate(self, count: int) -> list[int]:
@@ -164,9 +185,12 @@ class KVPool:
         if layer is None:
             self.k[:, :, pages, offsets] = k.to(self.k.dtype)
             self.v[:, :, pages, offsets] = v.to(self.v.dtype)
-        else:
-            self.k[layer][:, pages, offsets] = k.to(self.k.dtype)
-            self.v[layer][:, pages, offsets] = v.to(self.v.dtype)
+            return
+        # one index_put_ on the storage itself, not on a view of it (compiled, it then writes in place)
+        heads = torch.arange(self.shape.kv_heads, device=pages.device)[:, None]  # [kv_heads, 1]
+        index = (torch.full_like(heads, layer), heads, pages[None], offsets[None])  # -> [kv_heads, tokens]
+        self.k.index_put_(index, k.to(self.k.dtype))
+        self.v.index_put_(index, v.to(self.v.dtype))
 
     def read(self, layer: int | None, pages: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the first `length` tokens held in `pages`: [(layers,) kv_heads, length, head_dim]."""

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention implementation: fast (default), triton (CUDA kernel) or eager (reference)",
     )
     run.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (torch.compile; CUDA graphs on a GPU): faster steps after a "
+        "one-off compilation per batch shape",
+    )
+    run.add_argument(
         "--json",
         nargs="?",
         const=STDOUT,
@@ -429,7 +435,9 @@ def _command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     resolve_dtype(args.dtype, device)
     check_model_reference(args.model)
-    engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = HogwildEngine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, compile=args.compile
+    )
     options = dict(
         n_workers=args.workers,
         layout=args.layout,

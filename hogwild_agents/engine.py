@@ -4,6 +4,10 @@
   result, cancel); `generate` waits for one result, `generate_many` for many that share forwards.
 - `start(prompt, **options)` returns a `HogwildRun` with its own cache, to drive step by step
   (`step`, `force`, `inject`, `view_token_ids`): the API for experiments.
+
+`compile=True` runs every decode forward (each row feeding one token) through the static decode step
+(`static_step.py`), compiled with `torch.compile` and, on CUDA, replayed as CUDA graphs; multi-token
+forwards (prompts, forced and tool text) keep the eager path.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from hogwild_agents.run import HogwildRun, RunController, RunLimits
 from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.scheduler import DEFAULT_BATCH_TOKENS, Scheduler
 from hogwild_agents.script import RunScript
+from hogwild_agents.static_step import StaticDecodeStep
 from hogwild_agents.views import LAYOUTS
 
 MAX_WORKERS = 64
@@ -42,8 +47,9 @@ class HogwildEngine:
     """One causal LM shared by every run. Submitted runs share forwards through one scheduler over one
     pooled KV cache, capped at `max_cache_bytes` (default: `cache_memory_fraction` of the device memory
     free when the engine is made); `max_batch_tokens` bounds the multi-token writes (prompt chunks,
-    forced and tool text) per forward; `prefix_cache_bytes` bounds the K/V of recent prompts kept for
-    reuse by later runs."""
+    forced and tool text) per forward. `compile`: run decode forwards through the compiled static step
+    (see the module docstring; the first forward of each bucket compiles, which takes a while).
+    `prefix_cache_bytes` bounds the K/V of recent prompts kept for reuse by later runs."""
 
     def __init__(
         self,
@@ -54,6 +60,7 @@ class HogwildEngine:
         cache_memory_fraction: float = 0.5,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
         prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES,
+        compile: bool = False,
     ) -> None:
         check_rope_support(model.config)
         attention.register()
@@ -78,9 +85,12 @@ class HogwildEngine:
             max_cache_bytes = int(cache_memory_fraction * free_memory_bytes(model.device))
         elif max_cache_bytes <= 0:
             raise ValueError(f"max_cache_bytes must be > 0, got {max_cache_bytes}")
+        self.compile = compile
+        # the static decode step for single-token forwards (None: every forward runs eagerly)
+        self.decode_step: StaticDecodeStep | None = StaticDecodeStep(model, compile=True) if compile else None
         self.scheduler = Scheduler(
             lambda plan, attend: self.forward(plan, attend),  # looked up per call: wrappable
-            KVPool(self.kv_shape, self.rotations, max_cache_bytes),
+            self.new_pool(max_cache_bytes),
             max_batch_tokens,
         )
 
@@ -116,9 +126,14 @@ class HogwildEngine:
         """True while any submitted run is queued or running."""
         return self.scheduler.busy
 
-    def new_pool(self) -> KVPool:
-        """An empty KV pool of this model's shape (a stepped run's private cache)."""
-        return KVPool(self.kv_shape, self.rotations)
+    def new_pool(self, max_bytes: int | None = None) -> KVPool:
+        """An empty KV pool of this model's shape (the scheduler's, or a stepped run's private cache).
+        Compiled, it holds a scratch page and grows when pages are reserved (at a run's admission), so
+        that decoding does not change its storage (a new storage size compiles the buckets again)."""
+        pool = KVPool(self.kv_shape, self.rotations, max_bytes, grow_on_reserve=self.compile)
+        if self.compile:
+            pool.scratch_page()
+        return pool
 
     def encode(self, text: str, *, trusted: bool = True) -> list[int]:
         """Token ids of `text`. Untrusted text (`trusted=False`, or the untrusted spans of a MarkedText
@@ -157,7 +172,11 @@ class HogwildEngine:
     def forward(
         self, plan: ForwardPlan, attend: attention.AttentionFn = attention.fast_attention
     ) -> torch.Tensor:
-        """One forward pass over a KV pool; returns the last-token logits of each row [rows, vocab] (fp32)."""
+        """One forward pass over a KV pool; returns the last-token logits of each row [rows, vocab] (fp32).
+        Decode forwards go through the static step when the engine has one (`compile=True`), except
+        with the eager reference attention."""
+        if self.decode_step is not None and plan.single_tokens and attend is not attention.eager_attention:
+            return self.decode_step(plan)
         with torch.inference_mode():
             out = self.model(
                 input_ids=plan.input_ids,

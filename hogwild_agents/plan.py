@@ -104,27 +104,60 @@ class ForwardPlan:
             self.row_starts.append(self.row_starts[-1] + len(row.token_ids))
         self.n_tokens = self.row_starts[-1]
 
-        input_ids, positions, pages, offsets, unrotate = [], [], [], [], []
+        ids, positions, pages, offsets, unrotate = [], [], [], [], []
         for row in rows:
             n, first = len(row.token_ids), row.first_position
-            input_ids.extend(row.token_ids)
+            ids.extend(row.token_ids)
             positions.extend(range(first, first + n))
             block = row.cache.block(row.target.group, row.target.slot)
             row_pages, row_offsets = block.locations(row.target.visible, n)
             pages.extend(row_pages)
             offsets.extend(row_offsets)
             unrotate.extend([-row.target.offset] * n)
-        self.input_ids = torch.tensor([input_ids], dtype=torch.long, device=device)  # [1, tokens]
-        self.position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, tokens]
-        self.last_index = torch.tensor([s - 1 for s in self.row_starts[1:]], device=device)  # [rows]
-        self.write_pages = torch.tensor(pages, dtype=torch.long, device=device)  # [tokens]
-        self.write_offsets = torch.tensor(offsets, dtype=torch.long, device=device)  # [tokens]
-        # new keys arrive rotated at view positions; blocks store them at local positions
-        self.unrotate_cos: torch.Tensor | None = None  # [tokens, rot]; None: every offset is 0
-        self.unrotate_sin: torch.Tensor | None = None
-        if any(unrotate):
-            cos, sin = self.rotations.cos_sin(torch.tensor(unrotate, device=device), torch.float32)
-            self.unrotate_cos, self.unrotate_sin = cos, sin
+        self._lists = (ids, positions, pages, offsets, unrotate)
+
+    # the tensors are built on first use: a static decode step (static_step.py) packs its own
+    @cached_property
+    def input_ids(self) -> torch.Tensor:  # [1, tokens]
+        return torch.tensor([self._lists[0]], dtype=torch.long, device=self.device)
+
+    @cached_property
+    def position_ids(self) -> torch.Tensor:  # [1, tokens]
+        return torch.tensor([self._lists[1]], dtype=torch.long, device=self.device)
+
+    @cached_property
+    def last_index(self) -> torch.Tensor:  # [rows] packed index of each row's last token
+        return torch.tensor([s - 1 for s in self.row_starts[1:]], device=self.device)
+
+    @cached_property
+    def write_pages(self) -> torch.Tensor:  # [tokens]
+        return torch.tensor(self._lists[2], dtype=torch.long, device=self.device)
+
+    @cached_property
+    def write_offsets(self) -> torch.Tensor:  # [tokens]
+        return torch.tensor(self._lists[3], dtype=torch.long, device=self.device)
+
+    @cached_property
+    def _unrotation(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """New keys arrive rotated at view positions; blocks store them at local positions: cos/sin
+        [tokens, rot] of -offset of each token's block (None, None: every offset is 0)."""
+        unrotate = self._lists[4]
+        if not any(unrotate):
+            return None, None
+        return self.rotations.cos_sin(torch.tensor(unrotate, device=self.device), torch.float32)
+
+    @property
+    def unrotate_cos(self) -> torch.Tensor | None:
+        return self._unrotation[0]
+
+    @property
+    def unrotate_sin(self) -> torch.Tensor | None:
+        return self._unrotation[1]
+
+    @property
+    def single_tokens(self) -> bool:
+        """Every row feeds exactly one token (a decode forward)."""
+        return self.n_tokens == len(self.rows)
 
     @property
     def view_lengths(self) -> list[int]:

@@ -228,6 +228,9 @@ class HogwildRun:
         self._first_steps = first_steps
         self.pool = pool if pool is not None else engine.new_pool()
         self.cache = RunCache(self.pool, n, n_header_slots(n))
+        # a private pool holds this run's reservation (a scheduler's pool: the scheduler reserves)
+        self._private_pages = self.reservation_pages if pool is None else 0
+        self.pool.reserve(self._private_pages)
 
     # ---- events --------------------------------------------------------------------------------
     def add_listener(self, listener: Callable[[RunEvent], None]) -> None:
@@ -736,6 +739,8 @@ class HogwildRun:
         if self.tool_runner is not None and self.owns_tool_runner:
             self.tool_runner.close()
         self.cache.release()
+        self.pool.unreserve(self._private_pages)
+        self._private_pages = 0
         for worker in self.workers:
             worker.last_logits = None
 

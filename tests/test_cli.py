@@ -35,8 +35,27 @@ def test_run_help_explains_every_option(capsys):
         "--json",
         "--transcript",
         "--view",
+        "--compile",
     ):
         assert option in text
+
+
+def test_compile_flag_reaches_the_engine(capsys, monkeypatch, smol_engine):
+    """`--compile` loads the engine with compile=True (a stand-in engine here: compiling the embedded
+    model takes minutes on a CPU; tests/test_compile.py checks the compiled step)."""
+    from hogwild_agents import cli
+
+    loaded = []
+
+    def from_pretrained(model=None, **options):
+        loaded.append(options)
+        return smol_engine
+
+    monkeypatch.setattr(cli.HogwildEngine, "from_pretrained", from_pretrained)
+    argv = ["run", QUESTION, "--workers", "1", "--protocol", "none", "--max-tokens", "2", "--json"]
+    assert main([*argv, "--compile"]) == 0
+    assert main(argv) == 0
+    assert [options["compile"] for options in loaded] == [True, False]
 
 
 def test_plain_run_prints_workers_answer_and_writes_a_transcript(capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""Loaded engines, shared by every ChatHogwild with the same (model, device, dtype).
+"""Loaded engines, shared by every ChatHogwild with the same (model, device, dtype, compile).
 
 An instance that gets an engine here becomes one of its users; `release` drops the engine from the
 registry once no user is left (users that were garbage-collected no longer count), so that its weights
@@ -13,21 +13,25 @@ from typing import Any
 
 from hogwild_agents.engine import HogwildEngine
 
-Key = tuple[str | None, str | None, str | None]
+Key = tuple[str | None, str | None, str | None, bool]
 
 _engines: dict[Key, HogwildEngine] = {}
 _users: dict[Key, dict[int, weakref.ref]] = {}
 _lock = threading.Lock()
 
 
-def get_engine(model: str | None, device: str | None, dtype: str | None, user: Any = None) -> HogwildEngine:
+def get_engine(
+    model: str | None, device: str | None, dtype: str | None, compile: bool = False, *, user: Any = None
+) -> HogwildEngine:
     """The engine for these settings, loaded on first use (once, even under concurrent calls); `user`
     (an object that can be weakly referenced) is recorded as one of its users."""
-    key = (model, device, dtype)
+    key = (model, device, dtype, compile)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = HogwildEngine.from_pretrained(model, device=device, dtype=dtype)
+            engine = _engines[key] = HogwildEngine.from_pretrained(
+                model, device=device, dtype=dtype, compile=compile
+            )
         if user is not None:
             users = _users.setdefault(key, {})
             known = users.get(id(user))
@@ -36,10 +40,12 @@ def get_engine(model: str | None, device: str | None, dtype: str | None, user: A
         return engine
 
 
-def release(model: str | None, device: str | None, dtype: str | None, user: Any) -> bool:
+def release(
+    model: str | None, device: str | None, dtype: str | None, compile: bool = False, *, user: Any
+) -> bool:
     """`user` no longer uses the engine for these settings; drop the engine when nobody else does.
     Returns True when it was dropped."""
-    key = (model, device, dtype)
+    key = (model, device, dtype, compile)
     with _lock:
         users = _users.get(key, {})
         users.pop(id(user), None)
@@ -50,16 +56,20 @@ def release(model: str | None, device: str | None, dtype: str | None, user: Any)
         return True
 
 
-def loaded(model: str | None, device: str | None, dtype: str | None) -> HogwildEngine | None:
+def loaded(
+    model: str | None, device: str | None, dtype: str | None, compile: bool = False
+) -> HogwildEngine | None:
     """The engine for these settings if one is loaded (nothing is loaded here)."""
     with _lock:
-        return _engines.get((model, device, dtype))
+        return _engines.get((model, device, dtype, compile))
 
 
-def register_engine(engine: HogwildEngine, model: str | None, device: str | None, dtype: str | None) -> None:
+def register_engine(
+    engine: HogwildEngine, model: str | None, device: str | None, dtype: str | None, compile: bool = False
+) -> None:
     """Make `engine` the shared engine for these settings (e.g. one a test already loaded)."""
     with _lock:
-        _engines[(model, device, dtype)] = engine
+        _engines[(model, device, dtype, compile)] = engine
 
 
 def clear() -> None:

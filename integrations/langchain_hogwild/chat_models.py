@@ -130,10 +130,10 @@ class ChatHogwild(BaseChatModel):
     bounded numbers, ...). With tools bound too and tool_choice auto, worker 0 writes either a tool call
     or the JSON answer. A worker that runs out of tokens mid-value is steered to close it in time.
 
-    Weights load on first use; instances with the same (model, device, dtype) share one engine, and
-    calls on one engine run one at a time (async calls run in a worker thread). Cancelling an async
-    call, or closing a stream early (`break` out of `stream`, `aclose()` on `astream`), stops its run
-    between two steps and frees the engine. `close()` (or leaving a `with ChatHogwild(...) as llm:`
+    Weights load on first use; instances with the same (model, device, dtype, compile) share one
+    engine, and concurrent calls on it share its forwards (its scheduler batches every active run).
+    Cancelling an async call, or closing a stream early (`break` out of `stream`, `aclose()` on
+    `astream`), stops its run at the next step. `close()` (or leaving a `with ChatHogwild(...) as llm:`
     block) unloads the shared weights once no other open instance uses them.
     """
 
@@ -162,6 +162,9 @@ class ChatHogwild(BaseChatModel):
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False
+    """Compile the engine's decode step (torch.compile; CUDA graphs on a GPU): faster steps after a
+    one-off compilation per batch shape. Part of the key under which loaded engines are shared."""
     engine: HogwildEngine | None = Field(default=None, exclude=True, repr=False)
     """A loaded engine to use instead of loading `model`."""
     engine_tools: list[Any] | None = Field(default=None, exclude=True, repr=False)
@@ -342,7 +345,7 @@ class ChatHogwild(BaseChatModel):
             raise HogwildError("This ChatHogwild was closed; create a new instance to use the model again.")
         if self.engine is not None:
             return self.engine
-        engine = get_engine(self.model, self.device, self.dtype, user=self)
+        engine = get_engine(self.model, self.device, self.dtype, self.compile, user=self)
         if self.profile is not None and "max_input_tokens" not in self.profile:  # known only now
             for key, value in model_profile(self.model_name, engine.model.config, self.max_context).items():
                 self.profile.setdefault(key, value)
@@ -351,12 +354,12 @@ class ChatHogwild(BaseChatModel):
     # ---- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop using the engine: the shared weights are dropped (and freed once nothing else holds
-        them) when no other open ChatHogwild with the same (model, device, dtype) uses them. A closed
+        them) when no other open ChatHogwild with the same (model, device, dtype, compile) uses them. A closed
         instance refuses further calls. A run in progress finishes first."""
         if self._closed:
             return
         self._closed = True
-        if self.engine is None and release(self.model, self.device, self.dtype, self):
+        if self.engine is None and release(self.model, self.device, self.dtype, self.compile, user=self):
             import torch
 
             if torch.cuda.is_available():
@@ -374,7 +377,7 @@ class ChatHogwild(BaseChatModel):
         (filled in when the engine loads otherwise)."""
         if self.engine is not None:
             config = self.engine.model.config
-        elif (engine := loaded(self.model, self.device, self.dtype)) is not None:
+        elif (engine := loaded(self.model, self.device, self.dtype, self.compile)) is not None:
             config = engine.model.config
         else:
             config = _config(self.model)

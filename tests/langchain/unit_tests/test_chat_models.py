@@ -9,7 +9,7 @@ import pytest
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from hogwild_agents.errors import InvalidArgumentError
-from langchain_hogwild import ChatHogwild
+from langchain_hogwild import ChatHogwild, _registry
 
 
 class TestChatHogwildUnit(ChatModelUnitTests):
@@ -139,3 +139,26 @@ def test_unknown_call_options_are_refused(monkeypatch, call) -> None:
             model.batch(["hi"], foo=1, max_new_tokens=3)
         else:
             asyncio.run(model.ainvoke("hi", foo=1, max_new_tokens=3))
+
+
+def test_compile_is_passed_to_the_engine_and_keys_its_sharing(monkeypatch) -> None:
+    """Engines are shared per (model, device, dtype, compile): a compiled one never serves a call that
+    asked for none, and the other way round."""
+    loaded = []
+
+    def from_pretrained(model=None, **options):
+        from types import SimpleNamespace
+
+        from transformers import LlamaConfig
+
+        loaded.append(options["compile"])
+        return SimpleNamespace(model=SimpleNamespace(config=LlamaConfig()))
+
+    monkeypatch.setattr(_registry.HogwildEngine, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(_registry, "_engines", {})
+    compiled = ChatHogwild(model="org/some-model", compile=True)
+    plain = ChatHogwild(model="org/some-model")
+    assert compiled.get_engine() is compiled.get_engine()
+    assert plain.get_engine() is not compiled.get_engine()
+    assert loaded == [True, False]
+    assert ChatHogwild(model="org/some-model", compile=True).model_dump()["compile"] is True
