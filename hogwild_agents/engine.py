@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hogwild_agents import attention, validation
+from hogwild_agents import attention, chat, validation
 from hogwild_agents.cache import KVPool, KVShape
-from hogwild_agents.encoding import TextEncoder, render_chat
+from hogwild_agents.encoding import TextEncoder
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
@@ -156,18 +156,9 @@ class HogwildEngine:
 
     def chat_prompt(self, messages: Messages, tools: Sequence[dict] | None = None) -> str:
         """Render messages (and tool schemas) through the model's chat template, ending with the
-        assistant's turn."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if not messages:
-            raise ValueError("The message list is empty; give at least one message.")
-        schemas = list(tools) if tools else None
-        return render_chat(  # the messages' contents are marked untrusted
-            lambda chat: self.tokenizer.apply_chat_template(
-                chat, tools=schemas, tokenize=False, add_generation_prompt=True
-            ),
-            list(messages),
-        )
+        assistant's turn; the messages' contents are marked untrusted. See `chat.render` (a template
+        that refuses a system role, a tokenizer without a template)."""
+        return chat.render(self.tokenizer, messages, tools=tools)
 
     def forward(
         self, plan: ForwardPlan, attend: attention.AttentionFn = attention.fast_attention

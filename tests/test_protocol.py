@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import re
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -19,8 +18,6 @@ from hogwild_agents.protocol import (
     Protocol,
     ProtocolError,
     extract_answer,
-    list_protocols,
-    normalize_messages,
     normalize_tools,
     templates_dir,
 )
@@ -97,7 +94,6 @@ def view_pieces(script: RunScript, worker: int, layout: str) -> list[str]:
 def test_shipped_names_and_descriptions():
     names = Protocol.names()
     assert tuple(names) == SHIPPED
-    assert list_protocols() == names
     assert all(description.endswith(".") and "\n" not in description for description in names.values())
     assert names["collaborate"].startswith("Workers solve the task together")
     assert pathlib.Path(str(templates_dir())) == pathlib.Path(__file__).parents[1] / "templates"
@@ -228,22 +224,6 @@ def test_same_role_messages_merge_and_system_joins_rules(tok):
     )
     plain = Protocol("collaborate").render(tok, TASK, 2).prompt
     assert plain == Protocol("collaborate").render(tok, [{"role": "user", "content": TASK}], 2).prompt
-
-
-def test_normalize_messages_accepts_message_objects_and_parts():
-    messages = [
-        SimpleNamespace(type="human", content="a"),
-        {"role": "user", "content": [{"type": "text", "text": "b"}]},
-        SimpleNamespace(type="ai", content="c"),
-    ]
-    assert normalize_messages(messages) == [
-        {"role": "user", "content": "a\n\nb"},
-        {"role": "assistant", "content": "c"},
-    ]
-    with pytest.raises(ValueError, match="Unknown message role 'robot'"):
-        normalize_messages([{"role": "robot", "content": "x"}])
-    with pytest.raises(ValueError, match="empty"):
-        normalize_messages([])
 
 
 def test_chat_template_without_system_role_gets_rules_in_user_turn():
