@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hogwild_agents import script as script_module
 from hogwild_agents.protocol import (
     WORKER_NAMES,
     Protocol,
@@ -420,10 +419,11 @@ def test_user_files_may_extend_their_neighbours(tmp_path, tok):
     assert protocol.name == str(tmp_path / "mine.jinja") and Protocol("vote.jinja").name == "vote"
 
 
-def test_script_default_segmentation_delegates():
-    assert script_module.ends_at_paragraph_break("One step.\n\n")
-    assert not script_module.ends_at_paragraph_break("```\ncode\n\n")
-    assert not script_module.ends_at_paragraph_break("$$\nx\n\n")
+def test_script_default_segmentation_is_the_step_end_rule():
+    assert RunScript("p", ("A",)).is_step_end is is_step_end
+    assert is_step_end("One step.\n\n")
+    assert not is_step_end("```\ncode\n\n")
+    assert not is_step_end("$$\nx\n\n")
 
 
 # ---- templates cannot exhaust CPU or memory, nor change later renders ------------------------------------
