@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hogwild_agents import attention, chat, validation
+from hogwild_agents import chat, validation
+from hogwild_agents.attention import ATTENTION_NAME, AttentionFn, eager_attention, fast_attention
+from hogwild_agents.attention import register as register_attention
 from hogwild_agents.cache import KVPool, KVShape
 from hogwild_agents.encoding import TextEncoder
 from hogwild_agents.handle import RunHandle
@@ -63,8 +65,8 @@ class HogwildEngine:
         compile: bool = False,
     ) -> None:
         check_rope_support(model.config)
-        attention.register()
-        model.set_attn_implementation(attention.ATTENTION_NAME)
+        register_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rotations = Rotations.from_model(model)
@@ -160,13 +162,11 @@ class HogwildEngine:
         that refuses a system role, a tokenizer without a template)."""
         return chat.render(self.tokenizer, messages, tools=tools)
 
-    def forward(
-        self, plan: ForwardPlan, attend: attention.AttentionFn = attention.fast_attention
-    ) -> torch.Tensor:
+    def forward(self, plan: ForwardPlan, attend: AttentionFn = fast_attention) -> torch.Tensor:
         """One forward pass over a KV pool; returns the last-token logits of each row [rows, vocab] (fp32).
         Decode forwards go through the static step when the engine has one (`compile=True`), except
         with the eager reference attention."""
-        if self.decode_step is not None and plan.single_tokens and attend is not attention.eager_attention:
+        if self.decode_step is not None and plan.single_tokens and attend is not eager_attention:
             return self.decode_step(plan)
         with torch.inference_mode():
             out = self.model(
