@@ -30,8 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.baselines import DecodeBaseline, prefill, synchronize
 from benchmarks.models import CONFIGS, load_engine, prompt_ids
 from benchmarks.report import print_rows
-from hogwild_agents import HogwildEngine
-from hogwild_agents.engine import attention
+from hogwild_agents import HogwildEngine, attention
 from hogwild_agents.loading import resolve_device, resolve_dtype
 from hogwild_agents.plan import ForwardPlan
 from hogwild_agents.static_step import StaticDecodeStep

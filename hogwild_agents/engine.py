@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hogwild_agents import attention, validation
+from hogwild_agents import chat, validation
+from hogwild_agents.attention import ATTENTION_NAME, AttentionFn, eager_attention, fast_attention
+from hogwild_agents.attention import register as register_attention
 from hogwild_agents.cache import KVPool, KVShape
-from hogwild_agents.encoding import TextEncoder, render_chat
+from hogwild_agents.encoding import TextEncoder
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
@@ -63,8 +65,8 @@ class HogwildEngine:
         compile: bool = False,
     ) -> None:
         check_rope_support(model.config)
-        attention.register()
-        model.set_attn_implementation(attention.ATTENTION_NAME)
+        register_attention()
+        model.set_attn_implementation(ATTENTION_NAME)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rotations = Rotations.from_model(model)
@@ -156,26 +158,15 @@ class HogwildEngine:
 
     def chat_prompt(self, messages: Messages, tools: Sequence[dict] | None = None) -> str:
         """Render messages (and tool schemas) through the model's chat template, ending with the
-        assistant's turn."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if not messages:
-            raise ValueError("The message list is empty; give at least one message.")
-        schemas = list(tools) if tools else None
-        return render_chat(  # the messages' contents are marked untrusted
-            lambda chat: self.tokenizer.apply_chat_template(
-                chat, tools=schemas, tokenize=False, add_generation_prompt=True
-            ),
-            list(messages),
-        )
+        assistant's turn; the messages' contents are marked untrusted. See `chat.render` (a template
+        that refuses a system role, a tokenizer without a template)."""
+        return chat.render(self.tokenizer, messages, tools=tools)
 
-    def forward(
-        self, plan: ForwardPlan, attend: attention.AttentionFn = attention.fast_attention
-    ) -> torch.Tensor:
+    def forward(self, plan: ForwardPlan, attend: AttentionFn = fast_attention) -> torch.Tensor:
         """One forward pass over a KV pool; returns the last-token logits of each row [rows, vocab] (fp32).
         Decode forwards go through the static step when the engine has one (`compile=True`), except
         with the eager reference attention."""
-        if self.decode_step is not None and plan.single_tokens and attend is not attention.eager_attention:
+        if self.decode_step is not None and plan.single_tokens and attend is not eager_attention:
             return self.decode_step(plan)
         with torch.inference_mode():
             out = self.model(

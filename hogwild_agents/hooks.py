@@ -22,6 +22,7 @@ from typing import Any
 
 from hogwild_agents import validation
 from hogwild_agents.tool_calls import ToolCallMatch
+from hogwild_agents.tool_schemas import callable_function, is_langchain_tool, langchain_function
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_RESULT_CHARS = 2000
@@ -49,14 +50,10 @@ class EngineTool:
         """Wrap a LangChain tool (`@tool`, BaseTool), an EngineTool, or a plain typed, documented callable."""
         if isinstance(tool, EngineTool):
             return tool
-        from langchain_core.tools import BaseTool
-        from langchain_core.utils.function_calling import convert_to_openai_tool
-
-        function = convert_to_openai_tool(tool)["function"]
-        if isinstance(tool, BaseTool):
-            func = _langchain_caller(tool)
+        if is_langchain_tool(tool):  # langchain-core is imported only here (the `langchain` extra)
+            function, func = langchain_function(tool), _langchain_caller(tool)
         elif callable(tool):
-            func = tool
+            function, func = callable_function(tool), tool
         else:
             raise TypeError(f"Cannot use {tool!r} as a tool: pass a LangChain tool or a callable.")
         parameters = function.get("parameters") or {"type": "object", "properties": {}}

@@ -12,7 +12,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import jinja2
 from jinja2 import nodes
 
+from hogwild_agents import chat as chat_template
 from hogwild_agents import validation
-from hogwild_agents.encoding import MarkedText, render_chat
+from hogwild_agents.chat import THINK, normalize_messages
+from hogwild_agents.encoding import MarkedText
 from hogwild_agents.errors import HogwildError, InvalidArgumentError
 from hogwild_agents.sandbox import DEFAULT_MAX_CHARS, DEFAULT_TIMEOUT_S, BoundedSandbox
 from hogwild_agents.script import RunScript
@@ -43,9 +45,6 @@ RESERVED_VARIABLES = frozenset(
     {"workers", "n_workers", "layout", "tools", "strategies", "examples", "answer_format"}
     | {"worker", "worker_index", "step"}
 )
-ROLES = ("system", "user", "assistant", "tool")
-_ROLE_ALIASES = {"human": "user", "ai": "assistant", "developer": "system"}
-_THINK = "<think>"
 _MAX_EXTENDS = 16
 
 
@@ -132,40 +131,7 @@ def extract_answer(text: str) -> str | None:
     return max(found)[1] if found else None
 
 
-# ---- messages and tools -----------------------------------------------------------------------
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Iterable):  # OpenAI-style content parts
-        return "".join(p.get("text", "") if isinstance(p, Mapping) else str(p) for p in content)
-    return "" if content is None else str(content)
-
-
-def _as_dict(message: Any) -> dict[str, Any]:
-    if isinstance(message, Mapping):
-        message = dict(message)
-    else:  # a LangChain message object
-        message = {"role": getattr(message, "type", None), "content": getattr(message, "content", "")}
-    role = _ROLE_ALIASES.get(message.get("role"), message.get("role"))
-    if role not in ROLES:
-        raise ValueError(f"Unknown message role {message.get('role')!r}; expected one of {', '.join(ROLES)}.")
-    return {**message, "role": role, "content": _content_text(message.get("content"))}
-
-
-def normalize_messages(messages: str | Sequence[Any]) -> list[dict[str, Any]]:
-    """Chat messages as role/content dicts (a string is one user message), same-role runs merged."""
-    items = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-    if not items:
-        raise ValueError("The message list is empty; give at least one message.")
-    merged: list[dict[str, Any]] = []
-    for message in map(_as_dict, items):
-        if merged and merged[-1]["role"] == message["role"]:
-            merged[-1]["content"] += "\n\n" + message["content"]
-        else:
-            merged.append(message)
-    return merged
+# ---- tools ------------------------------------------------------------------------------------
 
 
 def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
@@ -334,49 +300,15 @@ def _path_source(path: Path) -> _Source:
     return _Source(str(path), path.name, jinja2.FileSystemLoader(str(path.resolve().parent)))
 
 
-# ---- chat prompt ------------------------------------------------------------------------------
-
-
-def _chat_template_text(tokenizer: Any) -> str:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, Mapping):
-        return "\n".join(str(t) for t in template.values())
-    return template if isinstance(template, str) else ""
-
-
-def _plain_chat(messages: Sequence[Mapping[str, Any]]) -> str:
-    """A minimal chat layout for tokenizers without a chat template."""
-    turns = "".join(f"{m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
-    return turns + "Assistant:\n"
-
-
-def _system_into_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For chat templates without a system role: the system text opens the first user message."""
-    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
-    if rest and rest[0]["role"] == "user":
-        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-        return rest
-    return [{"role": "user", "content": system}, *rest]
-
-
-def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-    def apply(chat: list[dict[str, Any]]) -> str:
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
-
-    try:
-        return apply(messages)
-    except Exception:
-        if messages[0]["role"] != "system":
-            raise
-        return apply(_system_into_user(messages))
+# ---- reasoning --------------------------------------------------------------------------------
 
 
 def _open_thinking(prefix: str) -> str:
     """`prefix` ending inside an opened reasoning section: "<think>\\n"."""
     stripped = prefix.rstrip()
-    if stripped.endswith(_THINK):
+    if stripped.endswith(THINK):
         return stripped + "\n"
-    return prefix + _THINK + "\n"
+    return prefix + THINK + "\n"
 
 
 # ---- the protocol -----------------------------------------------------------------------------
@@ -526,14 +458,10 @@ class Protocol:
         user_system = [m["content"] for m in chat if m["role"] == "system" and m["content"].strip()]
         system = "\n\n".join([self._blocks.render("system", base).strip(), *user_system])
         chat = [{"role": "system", "content": system}, *(m for m in chat if m["role"] != "system")]
-        template_text = _chat_template_text(tokenizer) if tokenizer is not None else ""
-        knows_think = _THINK in template_text
+        knows_think = chat_template.knows_thinking(tokenizer)
         think = knows_think if self.reasoning == "auto" else bool(self.reasoning)
-        if not template_text:
-            prefix = render_chat(_plain_chat, chat)
-        else:
-            kwargs = {"enable_thinking": think} if knows_think else {}
-            prefix = render_chat(lambda c: _apply_chat_template(tokenizer, c, **kwargs), chat)
+        kwargs = {"enable_thinking": think} if knows_think else {}
+        prefix = chat_template.render(tokenizer, chat, **kwargs)
         if think:
             prefix = prefix.rebase(_open_thinking(prefix))
         return prefix + self._blocks.render("opening", base)  # contents stay marked untrusted
@@ -576,8 +504,3 @@ def _user_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"Template variables must be copyable values (text, numbers, lists, dicts): {error}"
         ) from None
-
-
-def list_protocols() -> dict[str, str]:
-    """Shipped protocol names with their one-line descriptions (same as `Protocol.names()`)."""
-    return shipped_protocols()

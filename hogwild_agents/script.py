@@ -17,12 +17,6 @@ from hogwild_agents.segmentation import is_step_end
 _FIELD = re.compile(r"\{(tool|worker|result)\}")
 
 
-def ends_at_paragraph_break(step_text: str) -> bool:
-    """Default step segmentation: a step ends at a blank line, never inside an open code fence or
-    display-math block (see `hogwild_agents.segmentation`)."""
-    return is_step_end(step_text)
-
-
 @dataclass(frozen=True)
 class RunScript:
     """Everything the generation loop takes from a protocol, already rendered to text.
@@ -36,7 +30,8 @@ class RunScript:
         step_header: `(worker, step_index) -> text` opening each new step block of a worker (step_index
             counts from 1). In the contiguous layout only step 1 opens a block.
         is_step_end: `(step_text) -> bool`, True when a worker's current step is finished and may move
-            into the shared history (interleaved/combined layouts).
+            into the shared history (interleaved/combined layouts). Default: `segmentation.is_step_end`
+            (a blank line outside code fences and display math).
         interjection: text forced into a worker's stream every `interjection_period` generated tokens of
             that worker; None disables interjections.
         finisher: suffix that forces a final answer when the budget ends without one ("" disables).
@@ -51,7 +46,7 @@ class RunScript:
     others_separator: str = ""
     own_headers: tuple[str, ...] = ()
     step_header: Callable[[int, int], str] = field(default=lambda worker, step: "")
-    is_step_end: Callable[[str], bool] = field(default=ends_at_paragraph_break)
+    is_step_end: Callable[[str], bool] = field(default=is_step_end)
     interjection: str | None = None
     interjection_period: int = 1024
     finisher: str = ""

@@ -27,6 +27,7 @@ MIN_CHUNK = 256  # keys per item at the least
 SPLITS = 8  # the longest view is cut into about this many chunks, so that long blocks spread over programs
 MAX_QUERIES = 128  # queries per (row, kv head) the kernel takes; prefill-sized forwards use matmuls
 BLOCK_N = 64  # keys per tile inside a program
+META_FIELDS = 7  # int32 fields per item: row, table start, start, end, visible, is_target, pad
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _partial_block_attention(
     k_ptr,  # [kv_heads, pages, PAGE, dim] of one layer of the pool
     v_ptr,
     pages_ptr,  # [table entries] int32: the page tables of every item's block, concatenated
-    meta_ptr,  # [items, 7] int32: row, table start, start, end, visible, is_target, pad
+    meta_ptr,  # [items, META_FIELDS] int32
     cos_ptr,  # [items, rot] fp32: rotation of the queries by -offset of the item's block
     sin_ptr,
     m_ptr,  # [all items, kv_heads, BLOCK_Q] fp32 partial max
@@ -60,11 +61,12 @@ def _partial_block_attention(
     BLOCK_Q: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    META_FIELDS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
-    meta = meta_ptr + item * 7
+    meta = meta_ptr + item * META_FIELDS
     row = tl.load(meta)
     table = tl.load(meta + 1)
     start = tl.load(meta + 2)
@@ -185,7 +187,7 @@ def _merge_partials(
 class BlockTable:
     """The forward's items and page tables; built once per forward and shared by all layers."""
 
-    meta: torch.Tensor  # [items, 7] int32
+    meta: torch.Tensor  # [items, META_FIELDS] int32
     pages: torch.Tensor  # [table entries] int32
     cos: torch.Tensor  # [items, rot]
     sin: torch.Tensor
@@ -301,6 +303,7 @@ def triton_attention(plan: ForwardPlan, layer: int, query: torch.Tensor, scaling
         BLOCK_Q=block_q,
         BLOCK_D=block_d,
         BLOCK_N=BLOCK_N,
+        META_FIELDS=META_FIELDS,
         PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
     )
     out = torch.empty(rows, q_len, heads, dim, dtype=query.dtype, device=query.device)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import re
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -13,14 +12,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from hogwild_agents import script as script_module
 from hogwild_agents.protocol import (
     WORKER_NAMES,
     Protocol,
     ProtocolError,
     extract_answer,
-    list_protocols,
-    normalize_messages,
     normalize_tools,
     templates_dir,
 )
@@ -97,7 +93,6 @@ def view_pieces(script: RunScript, worker: int, layout: str) -> list[str]:
 def test_shipped_names_and_descriptions():
     names = Protocol.names()
     assert tuple(names) == SHIPPED
-    assert list_protocols() == names
     assert all(description.endswith(".") and "\n" not in description for description in names.values())
     assert names["collaborate"].startswith("Workers solve the task together")
     assert pathlib.Path(str(templates_dir())) == pathlib.Path(__file__).parents[1] / "templates"
@@ -228,22 +223,6 @@ def test_same_role_messages_merge_and_system_joins_rules(tok):
     )
     plain = Protocol("collaborate").render(tok, TASK, 2).prompt
     assert plain == Protocol("collaborate").render(tok, [{"role": "user", "content": TASK}], 2).prompt
-
-
-def test_normalize_messages_accepts_message_objects_and_parts():
-    messages = [
-        SimpleNamespace(type="human", content="a"),
-        {"role": "user", "content": [{"type": "text", "text": "b"}]},
-        SimpleNamespace(type="ai", content="c"),
-    ]
-    assert normalize_messages(messages) == [
-        {"role": "user", "content": "a\n\nb"},
-        {"role": "assistant", "content": "c"},
-    ]
-    with pytest.raises(ValueError, match="Unknown message role 'robot'"):
-        normalize_messages([{"role": "robot", "content": "x"}])
-    with pytest.raises(ValueError, match="empty"):
-        normalize_messages([])
 
 
 def test_chat_template_without_system_role_gets_rules_in_user_turn():
@@ -440,10 +419,11 @@ def test_user_files_may_extend_their_neighbours(tmp_path, tok):
     assert protocol.name == str(tmp_path / "mine.jinja") and Protocol("vote.jinja").name == "vote"
 
 
-def test_script_default_segmentation_delegates():
-    assert script_module.ends_at_paragraph_break("One step.\n\n")
-    assert not script_module.ends_at_paragraph_break("```\ncode\n\n")
-    assert not script_module.ends_at_paragraph_break("$$\nx\n\n")
+def test_script_default_segmentation_is_the_step_end_rule():
+    assert RunScript("p", ("A",)).is_step_end is is_step_end
+    assert is_step_end("One step.\n\n")
+    assert not is_step_end("```\ncode\n\n")
+    assert not is_step_end("$$\nx\n\n")
 
 
 # ---- templates cannot exhaust CPU or memory, nor change later renders ------------------------------------

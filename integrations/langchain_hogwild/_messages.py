@@ -1,5 +1,9 @@
 """LangChain messages -> the role/content dicts the engine renders with a chat template.
 
+Role names and content flattening come from `hogwild_agents.chat`; this module only knows LangChain's
+message classes (tool calls and tool results, in the default text format or for templates that render
+them).
+
 Rendering is deterministic (no ids, no timestamps), so a follow-up turn's prompt extends the previous
 turn's prompt and the engine reuses that prefix's K/V.
 """
@@ -12,22 +16,8 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ChatMessage, ToolMessage
 
+from hogwild_agents.chat import content_text, role_name
 from hogwild_agents.tool_calls import CLOSE, OPEN
-
-ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "developer": "system"}
-
-
-def content_text(content: str | list[Any]) -> str:
-    """The text of a message's content: a string, or the text blocks of a content list joined."""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for block in content:
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-    return "".join(parts)
 
 
 def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
@@ -49,12 +39,7 @@ def to_chat_messages(
     converted: list[dict[str, Any]] = []
     for message in messages:
         text = content_text(message.content)
-        if isinstance(message, ChatMessage):
-            role = ROLES.get(message.role, message.role)
-        else:
-            role = ROLES.get(message.type)
-        if role is None:
-            raise ValueError(f"Unsupported message type {type(message).__name__} ({message.type!r}).")
+        role = role_name(message.role if isinstance(message, ChatMessage) else message.type)
         entry: dict[str, Any] = {"role": role, "content": text}
         if isinstance(message, AIMessage) and message.tool_calls:
             if native_tools:
@@ -83,14 +68,3 @@ def to_chat_messages(
                 entry.update(role="user", content=f"Result{label}: {text}")
         converted.append(entry)
     return converted
-
-
-def with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """Add `text` to the leading system message (or open the conversation with one)."""
-    if not text:
-        return messages
-    if messages and messages[0]["role"] == "system":
-        first = dict(messages[0])
-        first["content"] = f"{first['content']}\n\n{text}" if first["content"] else text
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]

@@ -42,14 +42,6 @@ def tool_instructions(tools: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def template_renders_tools(tokenizer: Any) -> bool:
-    """True when the model's chat template renders tool schemas and tool calls itself."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("tool_use") or template.get("default")
-    return isinstance(template, str) and "tools" in template and "tool_call" in template
-
-
 def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
     """None (the model decides), "none", "any" (some tool must be called), or one tool's name."""
     if tool_choice is None or tool_choice == "auto":

@@ -40,6 +40,7 @@ from pydantic import (
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from hogwild_agents import validation
+from hogwild_agents.chat import renders_tools, with_system_text
 from hogwild_agents.engine import MAX_WORKERS, HogwildEngine
 from hogwild_agents.errors import HogwildError, InvalidArgumentError
 from hogwild_agents.grammar import json_schema_grammar, tool_call_grammar
@@ -60,14 +61,13 @@ from langchain_hogwild._events import (
     model_run,
     stream_sink,
 )
-from langchain_hogwild._messages import to_chat_messages, with_system_text
+from langchain_hogwild._messages import to_chat_messages
 from langchain_hogwild._output import message_fields
 from langchain_hogwild._profile import model_profile
 from langchain_hogwild._registry import get_engine, loaded, release
 from langchain_hogwild._streaming import ChunkMaker
 from langchain_hogwild._tools import (
     normalize_tool_choice,
-    template_renders_tools,
     to_call_chunks,
     tool_instructions,
 )
@@ -462,7 +462,7 @@ class ChatHogwild(BaseChatModel):
         template that renders tools; it or the protocol then writes them into the prompt). Otherwise the
         tools are described in the system text as signatures: small models copy JSON schemas into
         their calls' arguments."""
-        native = template_renders_tools(engine.tokenizer)
+        native = renders_tools(engine.tokenizer)
         chat = to_chat_messages(messages, native_tools=native, call_markup=bool(tools))
         if tools and not native:
             chat = with_system_text(chat, tool_instructions(tools))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 
+from hogwild_agents.chat import content_text, with_system_text
 from hogwild_agents.tool_calls import parse_tool_calls
-from langchain_hogwild._messages import content_text, to_chat_messages, with_system_text
+from langchain_hogwild._messages import to_chat_messages
 from langchain_hogwild._streaming import LiveText
 from langchain_hogwild._tools import (
     normalize_tool_choice,
