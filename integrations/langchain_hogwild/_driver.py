@@ -91,6 +91,7 @@ class _Session:
         # worker -> calls for the caller the run found in its text and this call has not taken yet
         # (while another worker is guided, and until the worker writes again)
         self.unread: dict[int, list[ParsedToolCall]] = {}
+        self.completed: set[int] = set()  # workers whose open call the grammar completed (it is taken)
         self.prefilled_at = self.finished_at = 0.0
 
     # ---- RunController ---------------------------------------------------------------------------
@@ -223,6 +224,8 @@ class _Session:
             return  # the JSON answer: `content` reads it
         bound = {t["function"]["name"] for t in self.spec.tools}
         self.unread.pop(guide.worker, None)  # its calls are the guided one
+        if state.open_call is not None:  # its worker stopped inside it: the grammar completed it
+            self.completed.add(guide.worker)
         self._unguide()  # the worker goes on: it may open another call
         if value.name in self.engine_tools and value.name not in bound:
             return  # the run executes it
@@ -239,7 +242,7 @@ class _Session:
         for w, worker in enumerate(self.run.workers):
             # no call was taken, so every call the run found for the caller is new here
             found = [c.call for c in worker.calls if not c.in_engine]
-            if worker.open_call is not None:
+            if worker.open_call is not None and w not in self.completed:
                 found.append(unclosed_tool_call(worker.open_call))
             for call in found:
                 if self.spec.parallel_tool_calls or not self.calls:

@@ -139,7 +139,9 @@ def test_reasoning_tokens_timings_and_provider(engine) -> None:
     call = raw.bind_tools([multiply], tool_choice="multiply").invoke("Hi", max_tokens=40)
     details = call.usage_metadata
     call_tokens = details["output_tokens"] - details["output_token_details"]["reasoning"]
-    assert 0 < call_tokens <= 40 and details["output_token_details"]["reasoning"] >= 0
+    caller, other = call.response_metadata["workers"]  # worker 0 writes the forced call
+    assert 0 < call_tokens == caller["generated_tokens"] <= 40  # every token of the caller's is the call's
+    assert details["output_token_details"]["reasoning"] == other["generated_tokens"] > 0
     metadata = two.response_metadata
     assert metadata["model_provider"] == "hogwild"
     timings = metadata["timings"]
