@@ -87,6 +87,7 @@ class _Session:
         self.guide: _Guide | None = None
         self.calls: list[ParsedToolCall] = []
         self.call_workers: list[int] = []
+        self.call_tokens: list[int] = []  # tokens each call's worker sampled to write it
         self.since_call: dict[int, int] = {}  # worker -> tokens written since its latest call
         # worker -> calls for the caller the run found in its text and this call has not taken yet
         # (while another worker is guided, and until the worker writes again)
@@ -180,9 +181,13 @@ class _Session:
         waiting = any(self.since_call.get(w.index, GRACE_TOKENS) < GRACE_TOKENS for w in writing)
         return not inside and not waiting
 
-    def _add_call(self, call: ParsedToolCall, worker: int) -> None:
+    def _add_call(self, call: ParsedToolCall, worker: int, sampled: int | None = None) -> None:
+        """Take a call for the caller; `sampled`: its worker's sampled tokens in it (else its length)."""
         self.calls.append(call)
         self.call_workers.append(worker)
+        if sampled is None:
+            sampled = len(self.run.engine.encode(OPEN + call.raw))
+        self.call_tokens.append(sampled)
         self.since_call[worker] = 0
 
     def observe(self, record: StepRecord) -> None:
@@ -229,7 +234,7 @@ class _Session:
         self._unguide()  # the worker goes on: it may open another call
         if value.name in self.engine_tools and value.name not in bound:
             return  # the run executes it
-        self._add_call(value, guide.worker)
+        self._add_call(value, guide.worker, guide.constraint.sampled)  # the grammar forced the rest
 
     def _engine_schemas(self) -> list[dict[str, Any]]:
         runner = self.run.tool_runner
@@ -257,13 +262,14 @@ class _Session:
         return result.final_text.strip()
 
     def answer_tokens(self, result: HogwildResult) -> int:
-        """Generated tokens that make up the answer: the guided text's, the tool call's, worker 0's whole
-        text in a raw run (it is the answer), else the final answer's length in tokens."""
+        """Generated tokens that make up the answer: the guided text's, the tool calls' (only sampled
+        ones: tokens a grammar forced are not generated), worker 0's whole text in a raw run (it is the
+        answer), else the final answer's length in tokens."""
         engine = self.run.engine
         if self.guide is not None and (self.guide_done or self.calls):
             return self.guide.constraint.sampled
         if self.calls:
-            return sum(len(engine.encode(OPEN + call.raw)) for call in self.calls)
+            return sum(self.call_tokens)
         if result.answer is None:
             return result.workers[0].generated_tokens
         return min(len(engine.encode(result.answer)), result.usage.generated_tokens)

@@ -155,14 +155,18 @@ def test_reasoning_tokens_timings_and_provider(engine) -> None:
 
 
 def test_close_unloads_the_shared_engine_when_unused(engine) -> None:
-    _registry.register_engine(engine, "tiny-close", None, None)
-    first, second = ChatHogwild(model="tiny-close"), ChatHogwild(model="tiny-close")
+    """The shared engine is registered under a hub-style id, a model reference the settings accept."""
+    _registry.register_engine(engine, "hogwild-tests/tiny-close", None, None)
+    first, second = (
+        ChatHogwild(model="hogwild-tests/tiny-close"),
+        ChatHogwild(model="hogwild-tests/tiny-close"),
+    )
     assert first.get_engine() is engine and second.get_engine() is engine
     first.close()
-    assert _registry.loaded("tiny-close", None, None) is engine  # the second still uses it
+    assert _registry.loaded("hogwild-tests/tiny-close", None, None) is engine  # the second still uses it
     with pytest.raises(HogwildError, match="closed"):
         first.invoke("Hi")
     with second:
         second.invoke("Hi", protocol=None, max_tokens=1)
-    assert _registry.loaded("tiny-close", None, None) is None  # nobody uses it: dropped
+    assert _registry.loaded("hogwild-tests/tiny-close", None, None) is None  # nobody uses it: dropped
     first.close()  # closing twice is harmless
