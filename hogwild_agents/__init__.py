@@ -13,8 +13,9 @@ from hogwild_agents.errors import (
 from hogwild_agents.hooks import EngineTool, Hooks, ToolCall
 from hogwild_agents.protocol import Protocol, ProtocolError
 from hogwild_agents.results import HogwildResult, StepRecord, Usage, WorkerResult
-from hogwild_agents.run import LAYOUTS, HogwildRun
+from hogwild_agents.run import HogwildRun
 from hogwild_agents.script import RunScript
+from hogwild_agents.views import LAYOUTS, Layout
 
 __all__ = [
     "LAYOUTS",
@@ -27,6 +28,7 @@ __all__ = [
     "HogwildRun",
     "Hooks",
     "InvalidArgumentError",
+    "Layout",
     "LogitsProcessorError",
     "ModelLoadError",
     "Protocol",

@@ -39,7 +39,7 @@ from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.scheduler import DEFAULT_BATCH_TOKENS, Scheduler
 from hogwild_agents.script import RunScript
 from hogwild_agents.static_step import StaticDecodeStep
-from hogwild_agents.views import LAYOUTS
+from hogwild_agents.views import LAYOUTS, Layout
 
 MAX_WORKERS = 64
 Messages = str | Sequence[dict[str, str]]
@@ -185,7 +185,7 @@ class HogwildEngine:
         self,
         prompt: Messages,
         n_workers: int,
-        layout: str,
+        layout: Layout,
         protocol: Any,
         tools: Sequence[dict] | None = None,
     ) -> RunScript:
@@ -207,7 +207,7 @@ class HogwildEngine:
         prompt: Messages | Sequence[int],
         *,
         n_workers: int = 2,
-        layout: str = "combined",
+        layout: Layout = "combined",
         protocol: Any = None,
         tools: Sequence[dict] | None = None,
         engine_tools: Sequence[Any] | ToolRunner | None = None,
@@ -275,7 +275,7 @@ class HogwildEngine:
         prompt: Messages | Sequence[int],
         *,
         n_workers: int = 2,
-        layout: str = "combined",
+        layout: Layout = "combined",
         protocol: Any = None,
         max_new_tokens: int = 256,
         max_total_tokens: int | None = None,

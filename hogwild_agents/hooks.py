@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hogwild_agents import validation
-from hogwild_agents.tool_calls import ToolCallMatch
+from hogwild_agents.tool_calls import ParsedToolCall
 from hogwild_agents.tool_schemas import callable_function, is_langchain_tool, langchain_function
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -206,19 +206,19 @@ class ToolRunner:
     def schemas(self) -> list[dict[str, Any]]:
         return [t.schema for t in self.tools.values()]
 
-    def submit(self, match: ToolCallMatch, worker: int, worker_name: str, step: int) -> ToolCall:
+    def submit(self, parsed: ParsedToolCall, worker: int, worker_name: str, step: int) -> ToolCall:
         """Start a call (or settle it at once with an error result if it cannot run)."""
         with self._lock:
             self._counter += 1
             call_id = f"call_{self._counter}"
-        call = ToolCall(call_id, worker, worker_name, match.name, match.arguments, match.raw, step)
-        if not match.valid:
-            self._settle(call, f"Error: malformed tool call: {match.error}.", error=True)
-        elif match.name not in self.tools:
+        call = ToolCall(call_id, worker, worker_name, parsed.name, parsed.arguments, parsed.raw, step)
+        if not parsed.valid:
+            self._settle(call, f"Error: malformed tool call: {parsed.error}.", error=True)
+        elif parsed.name not in self.tools:
             known = ", ".join(sorted(self.tools)) or "none"
-            self._settle(call, f"Error: unknown tool {match.name!r}; available tools: {known}.", error=True)
+            self._settle(call, f"Error: unknown tool {parsed.name!r}; available tools: {known}.", error=True)
         else:
-            call.future = self.executor.submit(self._invoke, self.tools[match.name], match.arguments)
+            call.future = self.executor.submit(self._invoke, self.tools[parsed.name], parsed.arguments)
             call.future.add_done_callback(lambda _: setattr(call, "finished", time.monotonic()))
         return call
 

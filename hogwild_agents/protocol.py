@@ -30,13 +30,13 @@ from hogwild_agents.errors import HogwildError, InvalidArgumentError
 from hogwild_agents.sandbox import DEFAULT_MAX_CHARS, DEFAULT_TIMEOUT_S, BoundedSandbox
 from hogwild_agents.script import RunScript
 from hogwild_agents.segmentation import is_step_end
+from hogwild_agents.views import LAYOUTS
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 REQUIRED_BLOCKS = ("system", "opening", "step_header", "others_header", "own_header", "finisher")
 OPTIONAL_BLOCKS = ("interjection", "others_separator")
-LAYOUTS = ("contiguous", "interleaved", "combined")
 WORKER_NAMES = (
     "Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi",
     "Ivan", "Judy", "Mallory", "Niaj", "Olivia", "Peggy", "Rupert", "Sybil",

@@ -25,7 +25,7 @@ import torch
 from hogwild_agents import validation
 from hogwild_agents.attention import implementation
 from hogwild_agents.cache import HEADERS, SHARED, STEPS, KVPool, RunCache, pages_for
-from hogwild_agents.errors import ContextLengthError
+from hogwild_agents.errors import ContextLengthError, InvalidArgumentError
 from hogwild_agents.hooks import Hooks, ToolCall, ToolRunner
 from hogwild_agents.logits_processing import (
     LogitsProcessorFn,
@@ -35,22 +35,25 @@ from hogwild_agents.logits_processing import (
 )
 from hogwild_agents.plan import ForwardPlan, RowPlan
 from hogwild_agents.results import (
+    FinishReason,
     HogwildResult,
     RunEvent,
     StepEvent,
     StepRecord,
     TokenEvent,
+    TokenSource,
     ToolCallEvent,
     ToolResultEvent,
     TraceEvent,
     Usage,
     WorkerResult,
     WorkerStepEvent,
+    WrittenToolCall,
 )
 from hogwild_agents.sampling import SamplingParams, choose_tokens
 from hogwild_agents.script import RunScript
-from hogwild_agents.tool_calls import CLOSE, find_tool_calls
-from hogwild_agents.views import LAYOUTS, Segment, n_header_slots, view_length, worker_view
+from hogwild_agents.tool_calls import ParsedToolCall, find_tool_calls, open_call_body
+from hogwild_agents.views import LAYOUTS, Layout, Segment, n_header_slots, view_length, worker_view
 
 if TYPE_CHECKING:
     from hogwild_agents.engine import HogwildEngine
@@ -128,8 +131,10 @@ class WorkerState:
     waiting: ToolCall | None = None  # the earliest of its tool calls still running
     waiting_calls: list[ToolCall] = field(default_factory=list)  # its tool calls still running, in order
     scan_from: int = 0  # text offset from which to look for the worker's next tool call
-    last_source: str = ""  # how its latest tokens were chosen
-    finish_reason: str | None = None
+    calls: list[WrittenToolCall] = field(default_factory=list)  # every complete tool call it wrote
+    open_call: str | None = None  # the text inside its unclosed `<tool_call>`, while one is open
+    last_source: TokenSource | None = None  # how its latest tokens were chosen
+    finish_reason: FinishReason | None = None
     last_logits: torch.Tensor | None = None
     answering: bool = False  # writing the finisher's answer: no step segmentation, greedy choices
     answer_start: int = 0  # text offset where the finisher's answer begins
@@ -160,7 +165,7 @@ class HogwildRun:
         engine: HogwildEngine,
         script: RunScript,
         *,
-        layout: str = "combined",
+        layout: Layout = "combined",
         sampling: SamplingParams | None = None,
         limits: RunLimits | None = None,
         attention: str = "fast",
@@ -178,30 +183,30 @@ class HogwildRun:
         self.engine = engine
         self.script = script
         self.tool_runner = tool_runner
-        self.owns_tool_runner = owns_tool_runner  # made for this run: `close()` shuts it down
-        self.hooks = hooks or Hooks()
+        self._owns_tool_runner = owns_tool_runner  # made for this run: `close()` shuts it down
+        self._hooks = hooks or Hooks()
         self.tool_calls: list[ToolCall] = []
         self.layout = layout
         self.sampling = sampling or SamplingParams()
         self.limits = limits = limits or RunLimits()
         self.attention = attention
         self.record_views = record_views  # copy each fed worker's whole view into its StepRecord
-        self.generator = self.sampling.generator()
+        self._generator = self.sampling.generator()
         self.started = time.monotonic()
         self.steps_taken = 0
         self.forward_tokens = 0
         self.reused_tokens = 0
-        self.setup_done = False
+        self._setup_done = False
         self.trace: list[TraceEvent] = []  # every text a worker chose and every injected block, in order
         self._listeners: list[Callable[[RunEvent], None]] = []
-        self.max_positions = min(engine.max_positions, limits.max_context or engine.max_positions)
+        self._max_positions = min(engine.max_positions, limits.max_context or engine.max_positions)
         n = len(script.worker_names)
         self.workers = [
             WorkerState(i, name, engine.decode, budget=limits.max_new_tokens)
             for i, name in enumerate(script.worker_names)
         ]
-        self.concluding = False
-        self.logits_processors = per_worker_processors(logits_processors, n)
+        self._concluding = False
+        self._logits_processors = per_worker_processors(logits_processors, n)
 
         prompt = list(prompt_ids) if prompt_ids is not None else engine.encode(script.prompt)
         if not prompt:
@@ -214,15 +219,15 @@ class HogwildRun:
         self._headers += [engine.encode(script.own_header(i)) for i in range(n)] + [separator] * n
         first_steps = [engine.encode(script.step_header(i, 1)) for i in range(n)]
         needed = len(prompt) + max(len(self._headers[1 + i]) + len(first_steps[i]) for i in range(n)) + 1
-        if needed > self.max_positions:
-            what = "max_context" if self.max_positions < engine.max_positions else "the model's context"
+        if needed > self._max_positions:
+            what = "max_context" if self._max_positions < engine.max_positions else "the model's context"
             headers = (
                 f" (with the protocol's headers, {needed} to write a first token)"
                 if needed > len(prompt) + 1
                 else ""
             )
             raise ContextLengthError(
-                f"The prompt has {len(prompt)} tokens{headers}, but {what} is {self.max_positions}; "
+                f"The prompt has {len(prompt)} tokens{headers}, but {what} is {self._max_positions}; "
                 "shorten the prompt" + (" or raise max_context." if what == "max_context" else ".")
             )
         self._first_steps = first_steps
@@ -241,9 +246,27 @@ class HogwildRun:
         for listener in self._listeners:
             listener(event)
 
+    # ---- logits processors ---------------------------------------------------------------------
+    def logits_processors(self, worker: int) -> list[LogitsProcessorFn]:
+        """The worker's logits processors, in the order they run (a copy)."""
+        return list(self._logits_processors[worker])
+
     def set_logits_processors(self, worker: int, processors: Sequence[LogitsProcessorFn]) -> None:
         """Replace the logits processors of one worker (from the next choice on)."""
-        self.logits_processors[worker] = list(processors)
+        self._logits_processors[worker] = list(processors)
+
+    def add_logits_processor(self, worker: int, processor: LogitsProcessorFn) -> None:
+        """Run `processor` after the worker's other logits processors (from the next choice on)."""
+        self._logits_processors[worker].append(processor)
+
+    def remove_logits_processor(self, worker: int, processor: LogitsProcessorFn) -> None:
+        """Stop running `processor` for the worker (added with `add_logits_processor`)."""
+        processors = self._logits_processors[worker]
+        if not any(p is processor for p in processors):
+            raise InvalidArgumentError(
+                f"Worker {worker} has no logits processor {processor!r}; remove only one it was given."
+            )
+        self._logits_processors[worker] = [p for p in processors if p is not processor]
 
     # ---- views ---------------------------------------------------------------------------------
     def view(self, worker: int) -> list[Segment]:
@@ -267,12 +290,12 @@ class HogwildRun:
     def reservation_pages(self) -> int:
         """Cache pages this run is expected to need at most (for a scheduler's admission control)."""
         n = len(self.workers)
-        per_worker = min(self.limits.max_new_tokens, self.max_positions)
+        per_worker = min(self.limits.max_new_tokens, self._max_positions)
         sampled = per_worker * n
         if self.limits.max_total_tokens is not None:
             sampled = min(sampled, self.limits.max_total_tokens)
         written = self.prompt_tokens + sum(map(len, self._headers)) + sampled * 5 // 4 + 64 * n
-        tokens = min(written, self.max_positions * (n + 1))
+        tokens = min(written, self._max_positions * (n + 1))
         return pages_for(tokens) + 1 + n_header_slots(n) + n
 
     # ---- driving alone ---------------------------------------------------------------------------
@@ -296,7 +319,7 @@ class HogwildRun:
 
     def setup(self) -> None:
         """Encode the prompt and the headers (alone); `HogwildEngine.start` calls it."""
-        if not self.setup_done:
+        if not self._setup_done:
             self._drive(self._setup())
 
     def step(self) -> StepRecord:
@@ -327,10 +350,10 @@ class HogwildRun:
         Text is encoded as untrusted (marker-like text does not become control tokens)."""
         self.setup()
         ids = self.engine.check_ids_or_encode(text_or_ids, "inject")  # text: untrusted
-        if self.shared_room() < len(ids):
+        if self._shared_room() < len(ids):
             raise ContextLengthError(
-                f"The injected block has {len(ids)} tokens but only {self.shared_room()} positions are "
-                f"left in the shared history (context {self.max_positions}); inject less."
+                f"The injected block has {len(ids)} tokens but only {self._shared_room()} positions are "
+                f"left in the shared history (context {self._max_positions}); inject less."
             )
         self._drive(self._write_shared(ids, kind))
 
@@ -346,7 +369,7 @@ class HogwildRun:
     # ---- programs --------------------------------------------------------------------------------
     def program(self, controller: RunController | None = None) -> RunProgram[HogwildResult]:
         """The whole run: prompt, steps until done (or the controller stops it), the finisher, the result."""
-        if not self.setup_done:
+        if not self._setup_done:
             yield from self._setup()
         if controller is not None:
             controller.start(self)
@@ -408,10 +431,10 @@ class HogwildRun:
             self.trace.append(TraceEvent(self.steps_taken, None, kind, text))
         return logits
 
-    def shared_room(self) -> int:
+    def _shared_room(self) -> int:
         """Tokens the shared history can still take before some worker's view exceeds the context."""
         longest_rest = max(self.view_length(w.index) for w in self.workers) - self.cache.shared_length
-        return max(0, self.max_positions - self.cache.shared_length - max(longest_rest, 1))
+        return max(0, self._max_positions - self.cache.shared_length - max(longest_rest, 1))
 
     def _setup(self) -> RunProgram[None]:
         prompt = self.prompt_ids
@@ -437,7 +460,7 @@ class HogwildRun:
             if ids:
                 self.trace.append(TraceEvent(0, worker.index, "header", worker.text))
                 self._notify(TokenEvent(worker.index, worker.name, worker.text, "header", 0))
-        self.setup_done = True
+        self._setup_done = True
 
     def _worker_row(self, worker: WorkerState, ids: Sequence[int]) -> RowPlan:
         self.cache.reserve(STEPS, worker.index, len(ids))
@@ -445,7 +468,7 @@ class HogwildRun:
 
     def _fit_to_context(self, worker: WorkerState) -> None:
         """Drop pending tokens that would take the worker's view past the context; it then finishes."""
-        room = self.max_positions - view_length(self.view(worker.index))
+        room = self._max_positions - view_length(self.view(worker.index))
         if len(worker.pending) > room:
             worker.pending = worker.pending[: max(room, 0)]
             if not worker.finished:
@@ -494,8 +517,8 @@ class HogwildRun:
                 self._close_step(w)
         self._choose(record)
         self.steps_taken += 1
-        if self.hooks.on_step is not None:
-            self.hooks.on_step(record)
+        if self._hooks.on_step is not None:
+            self._hooks.on_step(record)
         self._notify(StepEvent(record))
         return record
 
@@ -507,11 +530,11 @@ class HogwildRun:
         self._notify(WorkerStepEvent(worker.index, worker.name, worker.step_index, text))
         if self.layout == "contiguous":
             return
-        if self.hooks.on_step_finished is not None:
-            self.hooks.on_step_finished(worker.index, text)
+        if self._hooks.on_step_finished is not None:
+            self._hooks.on_step_finished(worker.index, text)
         self.cache.move_to_shared(worker.index)
         worker.step_ids = []
-        if not worker.finished and not self.concluding:  # the finisher's answer opens no new step
+        if not worker.finished and not self._concluding:  # the finisher's answer opens no new step
             worker.step_index += 1
             worker.header_due = self.engine.encode(self.script.step_header(worker.index, worker.step_index))
 
@@ -528,7 +551,7 @@ class HogwildRun:
         for group, params in ((free, self.sampling), (greedy, SamplingParams(temperature=0.0))):
             if group:
                 logits = torch.stack([self._processed_logits(w) for w in group])
-                chosen = choose_tokens(logits, params, self.generator)
+                chosen = choose_tokens(logits, params, self._generator)
                 sampled.update(zip((w.index for w in group), chosen, strict=True))
         for w in active:
             if w.finished:  # ended in this step by another worker's final answer
@@ -549,66 +572,79 @@ class HogwildRun:
             record.chosen[w.index], record.sources[w.index] = ids, source
             self._accept(w, ids, source)
             if w.stream[-len(ids) :] == ids:
-                text = self._emit(w, record, len(ids), source)
-                if self.tool_runner is not None and ">" in text and not w.finished:
-                    self._start_tool_calls(w, record)
+                self._find_tool_calls(w, record, self._emit(w, record, len(ids), source))
         budget = self.limits.max_total_tokens
-        if budget is not None and not self.concluding and sum(w.generated for w in self.workers) >= budget:
+        if budget is not None and not self._concluding and sum(w.generated for w in self.workers) >= budget:
             for w in self.workers:
                 if not w.finished:
                     self._finish(w, "length")
         record.finished.update(
             {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
         )
+        record.open_calls.update({w.index: w.open_call for w in self.workers if w.open_call is not None})
 
-    def _emit(self, worker: WorkerState, record: StepRecord, n_new: int, source: str) -> str:
+    def _emit(self, worker: WorkerState, record: StepRecord, n_new: int, source: TokenSource) -> str:
         """Report the text of the worker's newest `n_new` stream tokens: step record, trace, events."""
         text = worker.text_delta(n_new)
         record.texts[worker.index] = record.texts.get(worker.index, "") + text
         self.trace.append(TraceEvent(record.index, worker.index, source, text))
-        if self.hooks.on_token is not None:
-            self.hooks.on_token(worker.index, text)
+        if self._hooks.on_token is not None:
+            self._hooks.on_token(worker.index, text)
         if text:
             self._notify(TokenEvent(worker.index, worker.name, text, source, record.index))
         return text
 
     def _processed_logits(self, worker: WorkerState) -> torch.Tensor:
         """The worker's logits after its logits processors (the model's own when it has none)."""
-        processors = self.logits_processors[worker.index]
+        processors = self._logits_processors[worker.index]
         if not processors:
             return worker.last_logits
         return apply_processors(processors, self.prompt_ids + worker.stream, worker.last_logits, worker.name)
 
-    # ---- in-engine tools -------------------------------------------------------------------------
-    def _start_tool_calls(self, worker: WorkerState, record: StepRecord) -> None:
-        """Start every tool call the worker just completed, in order, and pause it until they return.
+    # ---- tool calls ------------------------------------------------------------------------------
+    def _find_tool_calls(self, worker: WorkerState, record: StepRecord, new_text: str) -> None:
+        """Find the tool calls the worker completed with `new_text` (the one place calls are found):
+        report them in the record, start those of in-engine tools, and keep track of an open call.
 
-        The calls end the worker's step: a paragraph break is written after them (unless already
-        there), so the step joins the history like any other and the results follow as blocks."""
+        A tag ends with ">", so calls change only when new text holds one (or a call is open)."""
+        if ">" not in new_text and worker.open_call is None:
+            return
         text = worker.text
-        if CLOSE not in text[worker.scan_from :]:
-            return
-        matches = find_tool_calls(text, worker.scan_from)
-        if not matches:
-            return
+        calls = find_tool_calls(text, worker.scan_from)
+        if calls:
+            worker.scan_from = calls[-1].end
+            tools = self.tool_runner.tools if self.tool_runner is not None else {}
+            written = [WrittenToolCall(worker.index, call, call.name in tools) for call in calls]
+            worker.calls += written
+            record.tool_calls.setdefault(worker.index, []).extend(written)
+        worker.open_call = open_call_body(text, worker.scan_from)
+        if calls and self.tool_runner is not None and not worker.finished:
+            self._start_tool_calls(worker, record, calls, text.endswith(PARAGRAPH_BREAK))
+
+    def _start_tool_calls(
+        self, worker: WorkerState, record: StepRecord, calls: list[ParsedToolCall], step_ended: bool
+    ) -> None:
+        """Start the tool calls the worker just completed, in order, and pause it until they return.
+
+        The calls end the worker's step: a paragraph break is written after them (unless `step_ended`:
+        already there), so the step joins the history like any other and the results follow as blocks."""
         step = record.index
-        if not text.endswith(PARAGRAPH_BREAK):
+        if not step_ended:
             ids = self.engine.encode(PARAGRAPH_BREAK)
             worker.pending.extend(ids)
             worker.stream.extend(ids)
             worker.step_ids.extend(ids)
             record.chosen[worker.index] = record.chosen[worker.index] + ids
             self._emit(worker, record, len(ids), "forced")
-        worker.scan_from = matches[-1].end
         worker.forced = []  # text forced after the calls waits for their results no more
-        for match in matches:
-            call = self.tool_runner.submit(match, worker.index, worker.name, step)
+        for parsed in calls:
+            call = self.tool_runner.submit(parsed, worker.index, worker.name, step)
             self.tool_calls.append(call)
             worker.waiting_calls.append(call)
-            label = f"{worker.name} called {match.name or '(malformed call)'}: {match.raw}"
+            label = f"{worker.name} called {parsed.name or '(malformed call)'}: {parsed.raw}"
             self.trace.append(TraceEvent(step, None, "tool_call", label))
-            if self.hooks.on_tool_call is not None:
-                self.hooks.on_tool_call(call)
+            if self._hooks.on_tool_call is not None:
+                self._hooks.on_tool_call(call)
             self._notify(ToolCallEvent(call, step, label))
         worker.waiting = worker.waiting_calls[0]
         worker.closing = True  # the step holding the calls joins the history before their results
@@ -640,13 +676,13 @@ class HogwildRun:
     def _write_tool_result(self, call: ToolCall) -> RunProgram[None]:
         block = self.script.tool_result_block(str(call.name), call.worker_name, call.result or "")
         ids = self.engine.encode(block)  # the tool's output (untrusted) cannot forge control tokens
-        room = self.shared_room()
+        room = self._shared_room()
         if len(ids) > room:  # the context is nearly full: keep what fits
             ids = ids[:room]
         if ids:
             yield from self._write_shared(ids, "tool_result")
-        if self.hooks.on_tool_result is not None:
-            self.hooks.on_tool_result(call)
+        if self._hooks.on_tool_result is not None:
+            self._hooks.on_tool_result(call)
         self._notify(ToolResultEvent(call, self.steps_taken, self.engine.decode(ids)))
 
     # ---- choosing --------------------------------------------------------------------------------
@@ -659,7 +695,7 @@ class HogwildRun:
             and worker.last_source == "sampled"
         )
 
-    def _accept(self, worker: WorkerState, ids: list[int], source: str) -> None:
+    def _accept(self, worker: WorkerState, ids: list[int], source: TokenSource) -> None:
         worker.last_source = source
         if source == "sampled" and ids[0] in self.engine.eos_token_ids:
             self._finish(worker, "stop")
@@ -678,7 +714,7 @@ class HogwildRun:
             return
         if source in ("sampled", "forced") and self._gave_answer(worker):
             self._finish(worker, "stop")
-            if not self.concluding:  # the first final answer ends the work for everyone
+            if not self._concluding:  # the first final answer ends the work for everyone
                 for other in self.workers:
                     if not other.finished:
                         self._finish(other, "stop")
@@ -704,9 +740,9 @@ class HogwildRun:
 
     def _at_context_limit(self, worker: WorkerState) -> bool:
         # a view is a subset of the stored blocks plus the pending tokens: check that bound first
-        if self.cache.tokens_stored + len(worker.pending) < self.max_positions:
+        if self.cache.tokens_stored + len(worker.pending) < self._max_positions:
             return False
-        return self.view_length(worker.index) >= self.max_positions
+        return self.view_length(worker.index) >= self._max_positions
 
     def _gave_answer(self, worker: WorkerState) -> bool:
         """True when the worker's newest token completes a final answer the protocol recognises."""
@@ -722,7 +758,7 @@ class HogwildRun:
         tail = self.engine.decode(worker.stream[-window:])
         return any(s in tail for s in self.limits.stop)
 
-    def _finish(self, worker: WorkerState, reason: str) -> None:
+    def _finish(self, worker: WorkerState, reason: FinishReason) -> None:
         worker.finish_reason = reason
         worker.closing = True  # its last tokens are still fed, then its block joins the history
         worker.forced, worker.header_due = [], []
@@ -736,7 +772,7 @@ class HogwildRun:
 
     def close(self) -> None:
         """Release what the run holds: its cache pages and a tool runner made for it."""
-        if self.tool_runner is not None and self.owns_tool_runner:
+        if self.tool_runner is not None and self._owns_tool_runner:
             self.tool_runner.close()
         self.cache.release()
         self.pool.unreserve(self._private_pages)
@@ -752,9 +788,9 @@ class HogwildRun:
         if any(w.finish_reason in ("timeout", "cancelled") for w in self.workers):
             return False  # out of time: no more decoding
         state = self.workers[worker]
-        if self.view_length(worker) + len(self.engine.encode(self.script.finisher)) + 1 > self.max_positions:
+        if self.view_length(worker) + len(self.engine.encode(self.script.finisher)) + 1 > self._max_positions:
             return False  # no room left for the answer
-        self.concluding = True
+        self._concluding = True
         state.finish_reason = None
         state.answering = True
         state.header_due = []
@@ -766,7 +802,7 @@ class HogwildRun:
         return True
 
     # ---- results -------------------------------------------------------------------------------
-    def worker_text(self, worker: int) -> str:
+    def _worker_text(self, worker: int) -> str:
         """The worker's stream as text, cut at the first stop string."""
         text = self.workers[worker].text
         for stop in self.limits.stop:
@@ -783,14 +819,14 @@ class HogwildRun:
             if w.answering:
                 return w.text[w.answer_start :].split(PARAGRAPH_BREAK)[0].strip()
         if not self.script.finisher:
-            return self.worker_text(0)
+            return self._worker_text(0)
         return ""
 
     def result(self) -> HogwildResult:
         workers = [
             WorkerResult(
                 name=w.name,
-                text=self.worker_text(w.index),
+                text=self._worker_text(w.index),
                 token_ids=list(w.stream),
                 generated_tokens=w.generated,
                 finish_reason=w.finish_reason,

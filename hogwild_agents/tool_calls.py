@@ -8,7 +8,7 @@ Nothing here evaluates model output: the body is parsed as JSON and checked, not
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -16,15 +16,18 @@ MAX_NESTING = 64  # deeper JSON in a call is refused as malformed (no recursion 
 
 
 @dataclass(frozen=True)
-class ToolCallMatch:
-    """A complete `<tool_call>...</tool_call>` span: a valid call, or the reason it is malformed."""
+class ParsedToolCall:
+    """A tool call found in a worker's text: valid (`error` None) or malformed (`error` says why).
 
-    start: int
-    end: int  # index just past the closing tag
+    `start` and `end` locate it in the text it was found in: its `<tool_call>` tag begins at `start`,
+    and `end` is just past its `</tool_call>` (the text's end for a call that was never closed)."""
+
+    name: str | None
+    arguments: dict[str, Any]
     raw: str  # the text between the tags
-    name: str | None = None
-    arguments: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    start: int = 0
+    end: int = 0
 
     @property
     def valid(self) -> bool:
@@ -87,7 +90,7 @@ def nesting_depth(text: str) -> int:
     return deepest
 
 
-def find_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:
+def find_tool_call(text: str, start: int = 0) -> ParsedToolCall | None:
     """The first complete tool call that begins at or after `start`, or None."""
     opening = text.find(OPEN, start)
     if opening < 0:
@@ -98,64 +101,42 @@ def find_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:
         return None
     raw = text[body_start:closing].strip()
     name, arguments, error = parse_call_body(raw)
-    return ToolCallMatch(opening, closing + len(CLOSE), raw, name, arguments, error)
+    return ParsedToolCall(name, arguments, raw, error, opening, closing + len(CLOSE))
 
 
-def find_tool_calls(text: str, start: int = 0) -> list[ToolCallMatch]:
+def find_tool_calls(text: str, start: int = 0) -> list[ParsedToolCall]:
     """Every complete tool call in `text` that begins at or after `start`, in order."""
     found, position = [], start
-    while (match := find_tool_call(text, position)) is not None:
-        found.append(match)
-        position = match.end
+    while (call := find_tool_call(text, position)) is not None:
+        found.append(call)
+        position = call.end
     return found
 
 
-def has_open_tool_call(text: str) -> bool:
-    """True while a `<tool_call>` is open (its closing tag not yet written)."""
-    return text.rfind(OPEN) > text.rfind(CLOSE)
+def open_call_body(text: str, start: int = 0) -> str | None:
+    """The text written so far inside a `<tool_call>` opened at or after `start` and not closed after
+    it (`start`: past the text's last complete call), or None when no call is open there."""
+    opening = text.find(OPEN, start)
+    if opening < 0 or text.find(CLOSE, opening) >= 0:
+        return None
+    return text[opening + len(OPEN) :]
 
 
-@dataclass(frozen=True)
-class ParsedToolCall:
-    """A tool call as a chat model reports it: valid (`error` None) or malformed (`error` says why)."""
-
-    name: str | None
-    arguments: dict[str, Any]
-    raw: str  # the text between the tags
-    error: str | None = None
-
-    @property
-    def valid(self) -> bool:
-        return self.error is None
-
-    @classmethod
-    def from_match(cls, match: ToolCallMatch) -> ParsedToolCall:
-        return cls(match.name, dict(match.arguments), match.raw, match.error)
+def unclosed_tool_call(body: str, start: int = 0) -> ParsedToolCall:
+    """A call whose closing tag is missing (`body`: the text after its `<tool_call>` tag, which begins
+    at `start`), reported as malformed."""
+    raw = body.strip()
+    name, arguments, error = parse_call_body(raw)
+    end = start + len(OPEN) + len(body)
+    return ParsedToolCall(name, arguments, raw, error or "tool call was not closed", start, end)
 
 
 def parse_tool_calls(text: str) -> list[ParsedToolCall]:
     """Every tool call in `text`, in order. A call whose closing tag is missing (the text ended inside
     it) is reported as malformed; text outside the tags is ignored. Never raises on any input."""
-    matches = find_tool_calls(text)
-    calls = [ParsedToolCall.from_match(match) for match in matches]
-    tail_start = matches[-1].end if matches else 0
+    calls = find_tool_calls(text)
+    tail_start = calls[-1].end if calls else 0
     opening = text.find(OPEN, tail_start)
     if opening >= 0:
-        raw = text[opening + len(OPEN) :].strip()
-        name, arguments, error = parse_call_body(raw)
-        calls.append(ParsedToolCall(name, arguments, raw, error or "tool call was not closed"))
+        calls.append(unclosed_tool_call(text[opening + len(OPEN) :], opening))
     return calls
-
-
-def find_complete_tool_call(text: str, start: int = 0) -> ToolCallMatch | None:
-    """While streaming: the first tool call from `start` on whose closing tag has been written, else None."""
-    return find_tool_call(text, start)
-
-
-def open_tag_prefix_length(text: str) -> int:
-    """Length of the longest suffix of `text` that could begin a `<tool_call>` tag (for holding it back
-    while streaming text that may turn into a tool call)."""
-    for length in range(min(len(OPEN), len(text)), 0, -1):
-        if OPEN.startswith(text[-length:]):
-            return length
-    return 0

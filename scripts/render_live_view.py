@@ -14,8 +14,16 @@ from rich.console import Console
 from hogwild_agents import HogwildEngine
 from hogwild_agents.builtin_tools import calculator_tool
 from hogwild_agents.live import LiveView
+from hogwild_agents.results import RunEvent, ToolCallEvent, ToolResultEvent
 
 QUESTION = "A shop sells pens at 3 for $2. How much do 12 pens cost?"
+
+
+def note_tool(view: LiveView, event: RunEvent) -> None:
+    if isinstance(event, ToolCallEvent):
+        view.note(f"{event.call.worker_name} calls {event.call.name}: {event.call.raw}")
+    elif isinstance(event, ToolResultEvent):
+        view.note(f"{event.call.name} -> {event.call.result}")
 
 
 def main() -> None:
@@ -30,8 +38,7 @@ def main() -> None:
         engine_tools=[calculator_tool()],
     )
     with LiveView(run, Console(width=140)) as view:
-        run.hooks.on_tool_call = lambda c: view.note(f"{c.worker_name} calls {c.name}: {c.raw}")
-        run.hooks.on_tool_result = lambda c: view.note(f"{c.name} -> {c.result}")
+        run.add_listener(lambda event: note_tool(view, event))
         for step in range(45):
             if step == 20:
                 call = {"name": "calculator", "arguments": {"expression": "12 / 3 * 2"}}

@@ -172,7 +172,7 @@ def test_tokens_the_grammar_refuses_are_skipped(tiny_engines):
     constraint = Constraint(
         engine, json_schema_grammar({"type": "object", "properties": {"a": {}}}), start=start
     )
-    run.logits_processors[0].append(constraint)
+    run.add_logits_processor(0, constraint)
     run.force(0, " (interjection) ")
     while not run.done and not constraint.stopped:
         run.step()

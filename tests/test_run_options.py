@@ -1,12 +1,16 @@
-"""Engine options that shape a run's prompt and context: `prompt_token_ids` and `max_context`."""
+"""Run options and controls: `prompt_token_ids`, `max_context`, logits processors, the finisher."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from hogwild_agents.builtin_tools import calculator_tool
-from hogwild_agents.errors import ContextLengthError
+from hogwild_agents.errors import ContextLengthError, InvalidArgumentError
+from hogwild_agents.results import StepEvent
+from hogwild_agents.sampling import SamplingParams
 
+PROMPT = "Count the apples: three and four."
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6 * 7?"}]
 TOOL = {
     "type": "function",
@@ -48,5 +52,58 @@ def test_max_context_bounds_every_view(tiny_engines):
     assert limit - 2 < longest <= limit and all(w.finish_reason == "length" for w in run.workers)
     with pytest.raises(ContextLengthError, match=f"max_context is {prompt_length}"):
         engine.start("Count with me: one two three", max_context=prompt_length)
-    with pytest.raises(ValueError, match="max_context must be > 0"):
+    with pytest.raises(ValueError, match="max_context must be >= 1"):
         engine.start("Hi", max_context=0)
+
+
+def test_logits_processors_join_and_leave_one_worker(tiny_engines):
+    engine = tiny_engines["llama"]
+    token, order = engine.encode(" the")[0], []
+
+    def noted(name):
+        def note(input_ids, scores):
+            order.append(name)
+            return scores
+
+        return note
+
+    def only(input_ids, scores):
+        return torch.where(torch.arange(scores.shape[-1]) == token, 0.0, float("-inf")).expand_as(scores)
+
+    first, second = noted("first"), noted("second")
+    run = engine.start(
+        "Go.", n_workers=2, max_new_tokens=8, temperature=1.0, seed=0, logits_processors={0: [first]}
+    )
+    run.add_logits_processor(1, only)
+    run.add_logits_processor(0, second)
+    assert run.logits_processors(0) == [first, second] and run.logits_processors(1) == [only]
+    assert run.step().chosen[1] == [token] and order == ["first", "second"]  # in the order added
+    run.remove_logits_processor(1, only)
+    run.remove_logits_processor(0, first)
+    assert run.logits_processors(1) == [] and run.logits_processors(0) == [second]
+    with pytest.raises(InvalidArgumentError, match="no logits processor"):
+        run.remove_logits_processor(1, only)
+    run.logits_processors(0).clear()  # a copy: the run's own list is unchanged
+    run.step()
+    assert order == ["first", "second", "second"]
+    run.set_logits_processors(0, [])
+    assert run.logits_processors(0) == []
+
+
+def test_the_finisher_answers_greedily_and_leaves_the_run_sampling(tiny_engines):
+    engine = tiny_engines["llama"]
+    run = engine.start(PROMPT, n_workers=2, protocol="collaborate", max_new_tokens=4, temperature=1.5, seed=2)
+    sampling = run.sampling
+    answer_steps = []
+    run.add_listener(lambda e: isinstance(e, StepEvent) and answer_steps.append(e.record))
+    while not run.done:
+        run.step()
+    before = len(answer_steps)
+    assert run.conclude()
+    assert run.sampling is sampling and sampling == SamplingParams(temperature=1.5, seed=2)
+    finisher = next(w for w in run.workers if w.answering)
+    answer = answer_steps[before:]
+    sampled = [r for r in answer if r.sources.get(finisher.index) == "sampled"]
+    assert sampled  # the answer was written by choosing tokens, each the most likely one
+    for record in sampled:
+        assert record.chosen[finisher.index] == [int(record.logits[finisher.index].argmax())]

@@ -21,7 +21,7 @@ from hogwild_agents import LAYOUTS
 from hogwild_agents.builtin_tools import calculator_tool, document_search_tool, evaluate_arithmetic
 from hogwild_agents.hooks import EngineTool, Hooks, ToolRunner, stringify
 from hogwild_agents.reference import view_kv_logits
-from hogwild_agents.tool_calls import find_tool_call, find_tool_calls, has_open_tool_call
+from hogwild_agents.tool_calls import CLOSE, OPEN, find_tool_call, find_tool_calls, open_call_body
 from tests.conftest import named_script
 from tests.test_equivalence import PROMPT, assert_logits_close
 
@@ -239,7 +239,10 @@ def test_parser_finds_calls_and_reports_malformed_ones():
     first, second = find_tool_calls(text)
     assert (first.name, first.arguments, first.valid) == ("f", {"x": 1}, True)
     assert not second.valid and "JSON object" in second.error
-    assert find_tool_call("<tool_call>{") is None and has_open_tool_call("x <tool_call>{")
+    assert (first.start, first.end) == (2, text.index(" b "))
+    assert text[second.start : second.end] == "<tool_call>[1]</tool_call>" and second.end == len(text)
+    assert find_tool_call("<tool_call>{") is None and open_call_body("x <tool_call>{") == "{"
+    assert open_call_body(text) is None and open_call_body(text + " <tool_call> ", second.end) == " "
     assert find_tool_call(call_text("g", y=[1, 2])).arguments == {"y": [1, 2]}
 
 
@@ -270,13 +273,18 @@ RANDOM_TEXT = st.one_of(st.text(max_size=200), st.lists(st.sampled_from(FRAGMENT
 @settings(max_examples=300, deadline=None)
 @given(RANDOM_TEXT)
 def test_parser_never_crashes_on_random_text(text):
+    end = 0
     for match in find_tool_calls(text):
-        assert match.valid == (match.error is None)
-        assert text[match.start : match.end].startswith("<tool_call>")
-        assert text[match.start : match.end].endswith("</tool_call>")
+        assert match.start >= end and text[match.start : match.end].startswith(OPEN)  # in order, apart
+        assert text[match.start : match.end].endswith(CLOSE)
+        assert match.raw == text[match.start + len(OPEN) : match.end - len(CLOSE)].strip()
         if match.valid:
             assert isinstance(match.name, str) and isinstance(match.arguments, dict)
-    has_open_tool_call(text)
+        else:
+            assert match.error and not match.arguments
+        end = match.end
+    body = open_call_body(text, end)
+    assert body is None or (text.endswith(body) and CLOSE not in body)
 
 
 def test_every_call_written_in_one_step_runs_in_order(tiny_engines):
@@ -298,6 +306,39 @@ def test_every_call_written_in_one_step_runs_in_order(tiny_engines):
     shared = engine.decode(run.cache.token_ids(0))
     assert shared.index("→ 5") < shared.index("→ 20")  # both results, in call order
     assert run.workers[0].waiting is None and not run.workers[0].finished
+
+
+def test_step_records_report_each_call_once_and_who_runs_it(tiny_engines):
+    """The run finds every call (for in-engine tools and callers alike) and reports it in the step's
+    record, with whether an in-engine tool runs it, and the calls left open at the step's end."""
+    engine = tiny_engines["llama"]
+    for engine_tools in ([calculator_tool()], None):
+        run = engine.start(
+            PROMPT,
+            n_workers=2,
+            protocol=named_script(PROMPT, 2),
+            max_new_tokens=40,
+            engine_tools=engine_tools,
+        )
+        run.step()
+        run.force(0, "so " + call_text("calculator", expression="1 + 1") + call_text("lookup", q="x"))
+        run.force(1, '<tool_call>{"name": "calc')
+        record = run.step()
+        first, second = record.tool_calls[0]
+        assert (first.worker, first.call.name, first.in_engine) == (0, "calculator", bool(engine_tools))
+        assert (second.call.name, second.call.arguments, second.in_engine) == ("lookup", {"q": "x"}, False)
+        text = run.workers[0].text
+        assert text[first.call.start : first.call.end] == call_text("calculator", expression="1 + 1")
+        assert text[second.call.start : second.call.end] == call_text("lookup", q="x")
+        assert 1 not in record.tool_calls and record.open_calls == {1: '{"name": "calc'}
+        assert 0 not in record.open_calls and run.workers[1].open_call == '{"name": "calc'
+        run.force(1, '"}</tool_call>')
+        later = run.step()
+        assert 0 not in later.tool_calls  # each call is reported once
+        assert [c.call.name for c in later.tool_calls[1]] == ["calc"] and not later.open_calls
+        assert [c.call for c in run.workers[0].calls] == [first.call, second.call]
+        # in-engine tools run every call (a name they lack gets an error result); else none runs
+        assert [c.name for c in run.tool_calls] == (["calculator", "lookup", "calc"] if engine_tools else [])
 
 
 # ---- deeply nested or oversized JSON: an error result, never an exception ------------------------------
@@ -354,9 +395,10 @@ NESTED_TEXT = st.builds(
 @given(st.one_of(NESTED_TEXT, RANDOM_TEXT))
 def test_parser_never_raises_on_nested_or_random_text(text):
     for match in find_tool_calls(text):
-        assert match.valid == (match.error is None)
         if match.valid:
             assert isinstance(match.name, str) and isinstance(match.arguments, dict)
+        else:
+            assert isinstance(match.error, str) and match.error.startswith(("tool call", "arguments of"))
 
 
 def test_tool_output_that_cannot_be_text_still_gives_a_result():

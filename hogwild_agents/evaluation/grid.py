@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hogwild_agents.errors import EvalError
-from hogwild_agents.run import LAYOUTS
+from hogwild_agents.views import LAYOUTS
 
 METHODS = ("single", "hogwild", "msgpass", "vote")
 BASELINES = ("single", "vote", "msgpass")

@@ -4,7 +4,9 @@
 guides one worker (forced tool calls, JSON output) and collects tool calls. The run stops once the
 call has what it needs: the guided answer, or the workers' tool calls — with parallel tool calls, once
 no worker is inside an unfinished call and each caller has had a few tokens to open another. The
-caller iterates the handle's events and reads the outcome once the run has ended.
+caller iterates the handle's events and reads the outcome once the run has ended. The run finds the
+tool calls (each step record lists the calls written in it and the calls left open); the controller
+only decides which of them are the caller's and when it has them all.
 
 Guided output is constrained by a grammar (`hogwild_agents.grammar`): a JSON answer, a forced tool call
 ("any"/"required"/a tool name), a tool call a worker opened itself under tool_choice auto, or, with both
@@ -24,13 +26,7 @@ from hogwild_agents.grammar import Constraint, Grammar, json_schema_grammar, too
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.results import HogwildResult, StepRecord
 from hogwild_agents.run import HogwildRun
-from hogwild_agents.tool_calls import (
-    OPEN,
-    ParsedToolCall,
-    find_tool_calls,
-    has_open_tool_call,
-    parse_tool_calls,
-)
+from hogwild_agents.tool_calls import OPEN, ParsedToolCall, unclosed_tool_call
 
 GRACE_TOKENS = 4  # tokens a worker may write after its tool call before it must have opened another
 
@@ -77,8 +73,7 @@ def answer_grammar(spec: CallSpec) -> Grammar | None:
 @dataclass
 class _Guide:
     worker: int
-    constraint: Constraint
-    own: list[Any]  # the worker's logits processors before the constraint joined them
+    constraint: Constraint  # joins the worker's own logits processors while it guides
 
 
 class _Session:
@@ -92,8 +87,12 @@ class _Session:
         self.guide: _Guide | None = None
         self.calls: list[ParsedToolCall] = []
         self.call_workers: list[int] = []
+        self.call_tokens: list[int] = []  # tokens each call's worker sampled to write it
         self.since_call: dict[int, int] = {}  # worker -> tokens written since its latest call
-        self.scan_from: list[int] = []
+        # worker -> calls for the caller the run found in its text and this call has not taken yet
+        # (while another worker is guided, and until the worker writes again)
+        self.unread: dict[int, list[ParsedToolCall]] = {}
+        self.completed: set[int] = set()  # workers whose open call the grammar completed (it is taken)
         self.prefilled_at = self.finished_at = 0.0
 
     # ---- RunController ---------------------------------------------------------------------------
@@ -102,7 +101,6 @@ class _Session:
         self.prefilled_at = time.monotonic()  # the run's prompt and headers are encoded
         runner = run.tool_runner
         self.engine_tools = dict(runner.tools) if runner is not None else {}
-        self.scan_from = [len(w.text) for w in run.workers]
         grammar = answer_grammar(self.spec)
         if grammar is not None:
             self._guide(self.spec.guide_worker, grammar)
@@ -135,15 +133,14 @@ class _Session:
     def _guide(self, worker: int, grammar: Grammar) -> None:
         """Constrain `worker` by `grammar` from its next token on, alongside its own processors."""
         run, state = self.run, self.run.workers[worker]
-        own = list(run.logits_processors[worker])
         constraint = Constraint(
             run.engine,
             grammar,
             start=len(run.prompt_ids) + len(state.stream),
             budget=run.limits.max_new_tokens - state.generated,
         )
-        run.logits_processors[worker] = [*own, constraint]
-        self.guide = _Guide(worker, constraint, own)
+        run.add_logits_processor(worker, constraint)
+        self.guide = _Guide(worker, constraint)
         self._fast_forward()
 
     def _fast_forward(self) -> None:
@@ -156,7 +153,7 @@ class _Session:
 
     def _unguide(self) -> None:
         if self.guide is not None:
-            self.run.logits_processors[self.guide.worker] = self.guide.own
+            self.run.remove_logits_processor(self.guide.worker, self.guide.constraint)
             self.guide = None
 
     @property
@@ -180,19 +177,26 @@ class _Session:
             return True  # a forced call is the answer
         run = self.run
         writing = [w for w in run.workers if not w.finished]
-        inside = any(has_open_tool_call(w.text[self.scan_from[w.index] :]) for w in writing)
+        inside = any(w.open_call is not None for w in writing)
         waiting = any(self.since_call.get(w.index, GRACE_TOKENS) < GRACE_TOKENS for w in writing)
         return not inside and not waiting
 
-    def _add_call(self, call: ParsedToolCall, worker: int) -> None:
+    def _add_call(self, call: ParsedToolCall, worker: int, sampled: int | None = None) -> None:
+        """Take a call for the caller; `sampled`: its worker's sampled tokens in it (else its length)."""
         self.calls.append(call)
         self.call_workers.append(worker)
+        if sampled is None:
+            sampled = len(self.run.engine.encode(OPEN + call.raw))
+        self.call_tokens.append(sampled)
         self.since_call[worker] = 0
 
     def observe(self, record: StepRecord) -> None:
         for w, ids in record.chosen.items():
             if w in self.since_call and record.sources.get(w) == "sampled":
                 self.since_call[w] += len(ids)
+        if self.watch_tools:  # the calls the run found; those of in-engine tools are the run's to run
+            for w, written in record.tool_calls.items():
+                self.unread.setdefault(w, []).extend(c.call for c in written if not c.in_engine)
         if self.guide is not None:
             self._observe_guide()
             if self.guide is not None:
@@ -204,14 +208,10 @@ class _Session:
         for w, text in record.texts.items():
             if record.sources.get(w) not in ("sampled", "forced"):
                 continue  # a header or an interjection is never part of a call
-            full = self.run.workers[w].text
-            for match in find_tool_calls(full, self.scan_from[w]):
-                self.scan_from[w] = match.end
-                if match.name in self.engine_tools:
-                    continue  # the run executes it; not a call for the caller
-                if self.watch_tools and (self.spec.parallel_tool_calls or not self.calls):
-                    self._add_call(ParsedToolCall.from_match(match), w)
-            if _just_opened(full, text) and not self.run.workers[w].finished:
+            for call in self.unread.pop(w, []):
+                if self.spec.parallel_tool_calls or not self.calls:
+                    self._add_call(call, w)
+            if _just_opened(record.open_calls.get(w), text) and not self.run.workers[w].finished:
                 tools = [*(self.spec.tools if self.watch_tools else ()), *self._engine_schemas()]
                 self._guide(w, tool_call_grammar(tools, opened=True))
                 return
@@ -228,11 +228,13 @@ class _Session:
         if not isinstance(value, ParsedToolCall):
             return  # the JSON answer: `content` reads it
         bound = {t["function"]["name"] for t in self.spec.tools}
-        self.scan_from[guide.worker] = len(state.text)
+        self.unread.pop(guide.worker, None)  # its calls are the guided one
+        if state.open_call is not None:  # its worker stopped inside it: the grammar completed it
+            self.completed.add(guide.worker)
         self._unguide()  # the worker goes on: it may open another call
         if value.name in self.engine_tools and value.name not in bound:
             return  # the run executes it
-        self._add_call(value, guide.worker)
+        self._add_call(value, guide.worker, guide.constraint.sampled)  # the grammar forced the rest
 
     def _engine_schemas(self) -> list[dict[str, Any]]:
         runner = self.run.tool_runner
@@ -243,7 +245,11 @@ class _Session:
         if self.calls or not self.watch_tools:
             return
         for w, worker in enumerate(self.run.workers):
-            for call in parse_tool_calls(worker.text[self.scan_from[w] :]):
+            # no call was taken, so every call the run found for the caller is new here
+            found = [c.call for c in worker.calls if not c.in_engine]
+            if worker.open_call is not None and w not in self.completed:
+                found.append(unclosed_tool_call(worker.open_call))
+            for call in found:
                 if self.spec.parallel_tool_calls or not self.calls:
                     self._add_call(call, w)
 
@@ -256,13 +262,14 @@ class _Session:
         return result.final_text.strip()
 
     def answer_tokens(self, result: HogwildResult) -> int:
-        """Generated tokens that make up the answer: the guided text's, the tool call's, worker 0's whole
-        text in a raw run (it is the answer), else the final answer's length in tokens."""
+        """Generated tokens that make up the answer: the guided text's, the tool calls' (only sampled
+        ones: tokens a grammar forced are not generated), worker 0's whole text in a raw run (it is the
+        answer), else the final answer's length in tokens."""
         engine = self.run.engine
         if self.guide is not None and (self.guide_done or self.calls):
             return self.guide.constraint.sampled
         if self.calls:
-            return sum(len(engine.encode(OPEN + call.raw)) for call in self.calls)
+            return sum(self.call_tokens)
         if result.answer is None:
             return result.workers[0].generated_tokens
         return min(len(engine.encode(result.answer)), result.usage.generated_tokens)
@@ -275,10 +282,14 @@ class _Session:
         return {"total_s": end - self.run.started, "prefill_s": prefill, "decode_s": end - self.prefilled_at}
 
 
-def _just_opened(full: str, new: str) -> bool:
-    """The worker's newest text completes a `<tool_call>` opening tag, with nothing but blanks after it."""
-    stripped = full.rstrip()
-    return stripped.endswith(OPEN) and len(stripped) > len(full) - len(new)
+def _just_opened(open_call: str | None, new: str) -> bool:
+    """The worker's newest text `new` completes a `<tool_call>` opening tag, with nothing but blanks
+    after it (`open_call`: the text inside the worker's open call, as the step record reports it)."""
+    if open_call is None:
+        return False
+    tail = OPEN + open_call  # the worker's text ends with it
+    stripped = tail.rstrip()
+    return stripped.endswith(OPEN) and len(tail) - len(stripped) < len(new)
 
 
 CallController = _Session

@@ -6,6 +6,7 @@ from typing import Any
 
 from langchain_core.messages.ai import UsageMetadata
 
+from hogwild_agents.results import ReplyFinishReason
 from langchain_hogwild._driver import Outcome
 from langchain_hogwild._tools import to_langchain_calls
 
@@ -28,7 +29,7 @@ def usage(outcome: Outcome) -> UsageMetadata:
     )
 
 
-def finish_reason(outcome: Outcome) -> str:
+def finish_reason(outcome: Outcome) -> ReplyFinishReason:
     return "tool_calls" if outcome.tool_calls else outcome.result.finish_reason
 
 

@@ -50,6 +50,7 @@ from hogwild_agents.logits_processing import LogitsProcessorsArg, per_worker_pro
 from hogwild_agents.protocol import WORKER_NAMES, Protocol
 from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.tool_calls import OPEN
+from hogwild_agents.views import Layout
 from langchain_hogwild._calls import CallGroup, stream_calls
 from langchain_hogwild._driver import CallSpec, Outcome, submit_call
 from langchain_hogwild._events import (
@@ -142,7 +143,7 @@ class ChatHogwild(BaseChatModel):
     n_workers: int = 2
     protocol: str | None = "collaborate"
     """A shipped protocol name, or None for raw workers (chat template only)."""
-    layout: Literal["combined", "interleaved", "contiguous"] = "combined"
+    layout: Layout = "combined"
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0

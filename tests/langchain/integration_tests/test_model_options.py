@@ -139,7 +139,9 @@ def test_reasoning_tokens_timings_and_provider(engine) -> None:
     call = raw.bind_tools([multiply], tool_choice="multiply").invoke("Hi", max_tokens=40)
     details = call.usage_metadata
     call_tokens = details["output_tokens"] - details["output_token_details"]["reasoning"]
-    assert 0 < call_tokens <= 40 and details["output_token_details"]["reasoning"] >= 0
+    caller, other = call.response_metadata["workers"]  # worker 0 writes the forced call
+    assert 0 < call_tokens == caller["generated_tokens"] <= 40  # every token of the caller's is the call's
+    assert details["output_token_details"]["reasoning"] == other["generated_tokens"] > 0
     metadata = two.response_metadata
     assert metadata["model_provider"] == "hogwild"
     timings = metadata["timings"]
@@ -153,14 +155,18 @@ def test_reasoning_tokens_timings_and_provider(engine) -> None:
 
 
 def test_close_unloads_the_shared_engine_when_unused(engine) -> None:
-    _registry.register_engine(engine, "tiny-close", None, None)
-    first, second = ChatHogwild(model="tiny-close"), ChatHogwild(model="tiny-close")
+    """The shared engine is registered under a hub-style id, a model reference the settings accept."""
+    _registry.register_engine(engine, "hogwild-tests/tiny-close", None, None)
+    first, second = (
+        ChatHogwild(model="hogwild-tests/tiny-close"),
+        ChatHogwild(model="hogwild-tests/tiny-close"),
+    )
     assert first.get_engine() is engine and second.get_engine() is engine
     first.close()
-    assert _registry.loaded("tiny-close", None, None) is engine  # the second still uses it
+    assert _registry.loaded("hogwild-tests/tiny-close", None, None) is engine  # the second still uses it
     with pytest.raises(HogwildError, match="closed"):
         first.invoke("Hi")
     with second:
         second.invoke("Hi", protocol=None, max_tokens=1)
-    assert _registry.loaded("tiny-close", None, None) is None  # nobody uses it: dropped
+    assert _registry.loaded("hogwild-tests/tiny-close", None, None) is None  # nobody uses it: dropped
     first.close()  # closing twice is harmless

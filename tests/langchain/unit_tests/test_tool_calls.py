@@ -5,11 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hogwild_agents.tool_calls import (
-    find_complete_tool_call,
-    open_tag_prefix_length,
-    parse_tool_calls,
-)
+from hogwild_agents.tool_calls import OPEN, find_tool_call, open_call_body, parse_tool_calls
+from langchain_hogwild._streaming import LiveText
 
 
 def test_valid_malformed_and_unclosed_calls() -> None:
@@ -25,25 +22,37 @@ def test_valid_malformed_and_unclosed_calls() -> None:
         ("g", {"y": 2}, True),
     ]
     assert not calls[2].valid and "not valid JSON" in calls[2].error
-    assert not calls[3].valid
+    assert not calls[3].valid and calls[3].raw == '{"name": "h", "argu'
+    assert (calls[3].start, calls[3].end) == (text.rindex(OPEN), len(text))
     assert parse_tool_calls("no calls") == []
 
 
-def test_streaming_helpers() -> None:
-    assert find_complete_tool_call('<tool_call>{"name": "f"') is None
-    assert find_complete_tool_call('<tool_call>{"name": "f"}</tool_call>').name == "f"
-    assert open_tag_prefix_length("text <tool_c") == 7
-    assert open_tag_prefix_length("text") == 0
+def test_streaming_a_call() -> None:
+    """While a call is written: no complete call until its closing tag, the open call's text, and
+    streamed answer text holding back what may begin a `<tool_call>` tag."""
+    assert find_tool_call('<tool_call>{"name": "f"') is None
+    assert open_call_body('<tool_call>{"name": "f"') == '{"name": "f"'
+    assert parse_tool_calls(OPEN + '{"name": "f"}')[0].error == "tool call was not closed"
+    assert find_tool_call('<tool_call>{"name": "f"}</tool_call>').name == "f"
+    assert open_call_body('<tool_call>{"name": "f"}</tool_call>') is None
+    live = LiveText([OPEN])
+    assert live.feed("text <tool_") == "text" and live.feed("ca") == ""
+    assert live.feed("ll>") == "" and live.stopped  # the call is never streamed as text
+    other = LiveText([OPEN])
+    assert other.feed("a <tool") == "a" and other.feed(" b") == " <tool b"
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from(list('<>/{}[]":,tool_call namearguments01\\ \n')), max_size=120))
 def test_parser_never_crashes_on_random_text(text: str) -> None:
+    end = 0
     for call in parse_tool_calls(text):
-        assert call.valid == (call.error is None)
+        assert call.start >= end and text[call.start :].startswith(OPEN) and call.end <= len(text)
         if call.valid:
             assert isinstance(call.name, str) and isinstance(call.arguments, dict)
-    find_complete_tool_call(text)
+        else:
+            assert call.error and call.arguments == {}
+        end = call.end
 
 
 @given(st.text(max_size=200))
