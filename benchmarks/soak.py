@@ -60,7 +60,7 @@ KINDS = (
     "tool_times_out",
     "structured",
 )
-TOOL_CALL = '<tool_call>{"name": "%s", "arguments": {}}</tool_call>'
+TOOL_CALL = '<tool_call>{"name":"%s","arguments":{}}</tool_call>'  # compact, as the call grammar writes it
 
 
 class Reading(BaseModel):
@@ -187,7 +187,7 @@ def signature(message: Any) -> tuple[Any, ...]:
     metadata = message.response_metadata
     calls = tuple((c["name"], json.dumps(c["args"], sort_keys=True)) for c in message.tool_calls)
     texts = tuple(w["text"] for w in metadata.get("workers", ()))
-    return message.content, texts, metadata.get("finish_reason"), calls
+    return message.text, texts, metadata.get("finish_reason"), calls
 
 
 def options(call: Call) -> dict[str, Any]:
@@ -210,13 +210,13 @@ def model_for(models: dict[str, Any], call: Call) -> tuple[Any, dict[str, Any]]:
 def run_sync(models: dict[str, Any], call: Call) -> Outcome:
     model, kwargs = model_for(models, call)
     if call.kind == "structured":
-        return Outcome(call, "completed", (model.invoke(call.prompt)["raw"].content,))
+        return Outcome(call, "completed", (model.invoke(call.prompt)["raw"].text,))
     if call.kind in ("stream", "abandoned_stream"):
         full = None
         for chunks, chunk in enumerate(model.stream(call.prompt, **kwargs), start=1):
             full = chunk if full is None else full + chunk
             if call.kind == "abandoned_stream" and chunks >= call.cut:
-                return Outcome(call, "partial", (full.content,))  # leaving the loop closes the stream
+                return Outcome(call, "partial", (full.text,))  # leaving the loop closes the stream
         return Outcome(call, "completed", signature(full))
     if call.kind == "timeout":
         message = model.invoke(call.prompt, timeout_s=call.cut / 1000, **kwargs)
@@ -227,7 +227,7 @@ def run_sync(models: dict[str, Any], call: Call) -> Outcome:
 async def run_async(models: dict[str, Any], call: Call) -> Outcome:
     model, kwargs = model_for(models, call)
     if call.kind == "structured":
-        return Outcome(call, "completed", ((await model.ainvoke(call.prompt))["raw"].content,))
+        return Outcome(call, "completed", ((await model.ainvoke(call.prompt))["raw"].text,))
     if call.kind in ("stream", "abandoned_stream"):
         full, chunks = None, 0
         stream = model.astream(call.prompt, **kwargs)
@@ -236,7 +236,7 @@ async def run_async(models: dict[str, Any], call: Call) -> Outcome:
                 full = chunk if full is None else full + chunk
                 chunks += 1
                 if call.kind == "abandoned_stream" and chunks >= call.cut:
-                    return Outcome(call, "partial", (full.content,))
+                    return Outcome(call, "partial", (full.text,))
         finally:
             await stream.aclose()
         return Outcome(call, "completed", signature(full))
