@@ -25,6 +25,7 @@ from hogwild_agents.attention import ATTENTION_NAME, AttentionFn, eager_attentio
 from hogwild_agents.attention import register as register_attention
 from hogwild_agents.cache import KVPool, KVShape
 from hogwild_agents.encoding import TextEncoder
+from hogwild_agents.errors import InvalidArgumentError
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
 from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
@@ -81,12 +82,15 @@ class HogwildEngine:
         self.encoder = TextEncoder(tokenizer)  # untrusted text never becomes control tokens
         self._no_mask = torch.zeros(1, 1, 1, 1, device=model.device)  # the hogwild attention needs none
         self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)
+        check_engine_options(
+            max_cache_bytes=max_cache_bytes,
+            cache_memory_fraction=cache_memory_fraction,
+            max_batch_tokens=max_batch_tokens,
+            prefix_cache_bytes=prefix_cache_bytes,
+            compile=compile,
+        )
         if max_cache_bytes is None:
-            if not 0 < cache_memory_fraction <= 1:
-                raise ValueError(f"cache_memory_fraction must be in (0, 1], got {cache_memory_fraction}")
             max_cache_bytes = int(cache_memory_fraction * free_memory_bytes(model.device))
-        elif max_cache_bytes <= 0:
-            raise ValueError(f"max_cache_bytes must be > 0, got {max_cache_bytes}")
         self.compile = compile
         # the static decode step for single-token forwards (None: every forward runs eagerly)
         self.decode_step: StaticDecodeStep | None = StaticDecodeStep(model, compile=True) if compile else None
@@ -108,7 +112,9 @@ class HogwildEngine:
     ) -> HogwildEngine:
         """Load `model` (None: the embedded SmolLM2-135M-Instruct; a path, model id, .gguf file, or a
         (model, tokenizer) pair) on `device` (default CUDA if available) with `dtype` (default fp32 on
-        CPU, bf16 on GPU). `engine_options`: those of the constructor (max_cache_bytes, ...)."""
+        CPU, bf16 on GPU). `engine_options`: those of the constructor (max_cache_bytes, ...), checked
+        before anything loads."""
+        check_engine_options(**engine_options)
         loaded, tokenizer = load_model_and_tokenizer(
             model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
         )
@@ -353,6 +359,26 @@ class HogwildEngine:
             logits_processors=logits_processors,
             pool=pool,
         )
+
+
+def check_engine_options(
+    *,
+    max_cache_bytes: int | None = None,
+    cache_memory_fraction: float = 0.5,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES,
+    compile: bool = False,
+) -> None:
+    """Refuse engine options that cannot work (InvalidArgumentError), before any weights load."""
+    if max_cache_bytes is not None:
+        validation.positive_integer(max_cache_bytes, "max_cache_bytes")
+    fraction = validation.real(cache_memory_fraction, "cache_memory_fraction", "a number in (0, 1]")
+    if not 0 < fraction <= 1:
+        raise InvalidArgumentError(f"cache_memory_fraction must be in (0, 1], got {cache_memory_fraction}")
+    validation.positive_integer(max_batch_tokens, "max_batch_tokens")
+    validation.integer(prefix_cache_bytes, "prefix_cache_bytes", minimum=0)
+    if not isinstance(compile, bool):
+        raise InvalidArgumentError(f"compile must be True or False, got {compile!r}")
 
 
 def _engine_tool_schemas(engine_tools: Sequence[Any] | ToolRunner | None) -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
@@ -335,3 +337,24 @@ def test_trusted_and_untrusted_encoding_from_two_threads_never_mix(smol_engine):
         stop.set()
         thread.join()
     assert all(r == expected for r in results)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_cache_bytes": 0}, "max_cache_bytes must be"),
+        ({"max_cache_bytes": 1.5}, "max_cache_bytes must be an integer"),
+        ({"cache_memory_fraction": 0}, "cache_memory_fraction must be in (0, 1]"),
+        ({"cache_memory_fraction": float("nan")}, "cache_memory_fraction must be"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens must be"),
+        ({"prefix_cache_bytes": -1}, "prefix_cache_bytes must be"),
+        ({"compile": "yes"}, "compile must be True or False"),
+    ],
+)
+def test_engine_options_are_checked_before_loading(monkeypatch, options, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("hogwild_agents.engine.load_model_and_tokenizer", refuse)
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
+        HogwildEngine.from_pretrained(**options)
