@@ -157,7 +157,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_compiled_step_equals_eager_over_200_steps(tiny_engines, one_thread):
+def test_compiled_step_equals_eager_over_200_steps(tiny_engines, one_thread, monkeypatch):
     """`compile=True` against the eager fast path: 200 steps with history moves (forced paragraph
     breaks), forced text and injected blocks. Same choices, logits within 1e-4 of the logit scale; no
     graph break; one compilation per (rows, pages, pool size) bucket used, never a recompilation."""
@@ -165,8 +165,8 @@ def test_compiled_step_equals_eager_over_200_steps(tiny_engines, one_thread):
     compiled = HogwildEngine(eager.model, eager.tokenizer, compile=True)
     backend = CompileCounterWithBackend("inductor")
     compiled.decode_step = StaticDecodeStep(eager.model, compile=True, backend=backend, min_pages=32)
-    for engine in (eager, compiled):
-        engine.eos_token_ids = frozenset()  # every worker decodes all 200 steps
+    for engine in (eager, compiled):  # every worker decodes all 200 steps (the shared engine restored after)
+        monkeypatch.setattr(engine, "eos_token_ids", frozenset())
     options = dict(n_workers=3, protocol=named_script(PROMPT, 3), max_new_tokens=240)
     runs = [engine.start(PROMPT, **options) for engine in (eager, compiled)]
     breaks_before = sum(counters["graph_break"].values())
