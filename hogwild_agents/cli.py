@@ -57,6 +57,11 @@ def _option_type(convert: Callable[[str], Any], check: Callable[[Any], Any]) -> 
     return parse
 
 
+def _positive_int(name: str, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= 1 (and <= `maximum`), named `name` in its error."""
+    return _option_type(int, lambda n: validation.positive_integer(n, name, maximum))
+
+
 def _top_p(value: float) -> float:
     return SamplingParams(top_p=value).top_p
 
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("question", help="the task or question for the workers")
     run.add_argument(
         "--workers",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "workers", MAX_WORKERS)),
+        type=_positive_int("workers", MAX_WORKERS),
         default=2,
         help=f"number of parallel workers, 1 to {MAX_WORKERS} (default 2)",
     )
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--max-tokens",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "max-tokens")),
+        type=_positive_int("max-tokens"),
         default=256,
         help="tokens each worker may generate",
     )
@@ -185,7 +190,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     serve.add_argument(
         "--workers",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "workers", MAX_WORKERS)),
+        type=_positive_int("workers", MAX_WORKERS),
         default=2,
         help="default workers per request (default 2)",
     )
@@ -199,7 +204,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-tokens",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "max-tokens")),
+        type=_positive_int("max-tokens"),
         default=256,
         help="default tokens per worker (default 256)",
     )
@@ -217,13 +222,13 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-tokens-limit",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "max-tokens-limit")),
+        type=_positive_int("max-tokens-limit"),
         default=4096,
         help="largest max_tokens a request may ask (default 4096)",
     )
     serve.add_argument(
         "--max-request-bytes",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "max-request-bytes")),
+        type=_positive_int("max-request-bytes"),
         default=1_000_000,
         help="largest request body (default 1000000)",
     )
@@ -236,7 +241,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve, one engine each")
     serve.add_argument(
         "--replicas",
-        type=_option_type(int, lambda n: validation.positive_integer(n, "replicas")),
+        type=_positive_int("replicas"),
         default=1,
         help="with --ray: number of replicas (default 1)",
     )
