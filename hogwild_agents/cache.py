@@ -9,8 +9,9 @@ at position 0). A run has three groups of blocks:
 - ``STEPS``: one block per worker: its current step (or, in the contiguous layout, its whole output).
   A finished step moves into ``SHARED`` with one re-rotation of its keys; the block starts empty again.
 
-Storage is paged, as in serving engines: the pool holds K and V as `[layers, kv_heads, pages, PAGE_SIZE,
-head_dim]`, and a block is a list of pages plus a length. Pages are taken from the pool when a block
+Storage is paged, as in serving engines: the pool holds K as `[layers, kv_heads, pages, PAGE_SIZE, k_dim]`
+and V as `[layers, kv_heads, pages, PAGE_SIZE, v_dim]` (the two head dims differ in multi-head latent
+attention), and a block is a list of pages plus a length. Pages are taken from the pool when a block
 grows and given back when the run releases its cache, so runs of any length share one storage with at
 most one partly filled page per block. The pool grows by doubling up to its byte cap; a scheduler
 reserves pages for a run before admitting it (`KVPool.reserve`), so admitted runs never exhaust it.
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hogwild_agents.architecture import ModelAttention
 from hogwild_agents.errors import CacheCapacityError
-from hogwild_agents.rotary import Rotations
 
 SHARED, HEADERS, STEPS = 0, 1, 2
 GROUPS = (SHARED, HEADERS, STEPS)
@@ -41,14 +42,20 @@ PAGE_SIZE = 16  # tokens per page
 class KVShape:
     layers: int
     kv_heads: int
-    head_dim: int
+    k_dim: int
+    v_dim: int
     dtype: torch.dtype
     device: torch.device
+
+    @classmethod
+    def of(cls, attention: ModelAttention, dtype: torch.dtype, device: torch.device) -> KVShape:
+        return cls(attention.n_layers, attention.kv_heads, attention.k_dim, attention.v_dim, dtype, device)
 
     @property
     def bytes_per_token(self) -> int:
         """K and V of one token over all layers."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        width = self.layers * self.kv_heads * (self.k_dim + self.v_dim)
+        return width * torch.finfo(self.dtype).bits // 8
 
 
 def pages_for(tokens: int) -> int:
@@ -56,18 +63,20 @@ def pages_for(tokens: int) -> int:
 
 
 class KVPool:
-    """Paged K/V storage shared by runs. `max_bytes` caps the storage (None: no cap)."""
+    """Paged K/V storage shared by runs of one model (`attention`: its layers' rotations and masks).
+    `max_bytes` caps the storage (None: no cap)."""
 
     def __init__(
         self,
         shape: KVShape,
-        rotations: Rotations,
+        attention: ModelAttention,
         max_bytes: int | None = None,
         *,
         grow_on_reserve: bool = False,
     ) -> None:
         self.shape = shape
-        self.rotations = rotations
+        self.attention = attention
+        self.rotations = attention.rotations
         self.page_bytes = shape.bytes_per_token * PAGE_SIZE
         self.max_pages = None if max_bytes is None else max_bytes // self.page_bytes
         if self.max_pages is not None and self.max_pages < 1:
@@ -75,18 +84,17 @@ class KVPool:
                 f"max_cache_bytes={max_bytes} is smaller than one cache page ({self.page_bytes} bytes); "
                 "raise it."
             )
-        self.k = self._storage(0)
-        self.v = self._storage(0)
+        self.k = self._storage(0, shape.k_dim)
+        self.v = self._storage(0, shape.v_dim)
         self._free: list[int] = []  # a heap: the lowest free page first, so blocks stay compact
         self._in_use = 0
         self.reserved = 0  # pages promised to admitted runs (see `reserve`)
         self._scratch: int | None = None
         self.grow_on_reserve = grow_on_reserve
 
-    def _storage(self, pages: int) -> torch.Tensor:
+    def _storage(self, pages: int, dim: int) -> torch.Tensor:
         s = self.shape
-        dims = (s.layers, s.kv_heads, pages, PAGE_SIZE, s.head_dim)
-        return torch.zeros(dims, dtype=s.dtype, device=s.device)
+        return torch.zeros((s.layers, s.kv_heads, pages, PAGE_SIZE, dim), dtype=s.dtype, device=s.device)
 
     # ---- accounting ----------------------------------------------------------------------------
     @property
@@ -150,7 +158,7 @@ class KVPool:
     def trim(self) -> None:
         """Give the storage back when no page is in use (the pool regrows on demand)."""
         if self._in_use == 0 and self.n_pages:
-            self.k, self.v = self._storage(0), self._storage(0)
+            self.k, self.v = self._storage(0, self.shape.k_dim), self._storage(0, self.shape.v_dim)
             self._free = []
 
     def _grow(self, needed: int) -> None:
@@ -164,8 +172,8 @@ class KVPool:
                 )
             pages = min(pages, self.max_pages)
         old = self.n_pages
-        for name in ("k", "v"):
-            grown = self._storage(pages)
+        for name, dim in (("k", self.shape.k_dim), ("v", self.shape.v_dim)):
+            grown = self._storage(pages, dim)
             grown[:, :, :old] = getattr(self, name)
             setattr(self, name, grown)
         for page in range(old, pages):
@@ -181,7 +189,7 @@ class KVPool:
         v: torch.Tensor,
     ) -> None:
         """Store K/V of tokens at (page, offset) pairs. `layer` None: all layers, `k`/`v` shaped
-        [layers, kv_heads, tokens, head_dim]; else [kv_heads, tokens, head_dim]."""
+        [layers, kv_heads, tokens, k_dim / v_dim]; else [kv_heads, tokens, k_dim / v_dim]."""
         if layer is None:
             self.k[:, :, pages, offsets] = k.to(self.k.dtype)
             self.v[:, :, pages, offsets] = v.to(self.v.dtype)
@@ -193,12 +201,13 @@ class KVPool:
         self.v.index_put_(index, v.to(self.v.dtype))
 
     def read(self, layer: int | None, pages: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of the first `length` tokens held in `pages`: [(layers,) kv_heads, length, head_dim]."""
+        """K/V of the first `length` tokens held in `pages`: [(layers,) kv_heads, length, k_dim / v_dim]."""
         index = torch.tensor(list(pages), dtype=torch.long, device=self.k.device)
         k = self.k[:, :, index] if layer is None else self.k[layer][:, index]
         v = self.v[:, :, index] if layer is None else self.v[layer][:, index]
-        shape = (*k.shape[:-3], -1, k.shape[-1])
-        return k.reshape(shape)[..., :length, :], v.reshape(shape)[..., :length, :]
+        k = k.reshape(*k.shape[:-3], -1, k.shape[-1])
+        v = v.reshape(*v.shape[:-3], -1, v.shape[-1])
+        return k[..., :length, :], v[..., :length, :]
 
 
 @dataclass
@@ -267,17 +276,16 @@ class RunCache:
     def block_kv(
         self, layer: int, group: int, slot: int, length: int, offset: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K rotated to absolute positions offset..offset+length and V: each [kv_heads, length, head_dim]."""
+        """K rotated to absolute positions offset..offset+length and V: [kv_heads, length, k_dim / v_dim]."""
         block = self.blocks[group][slot]
         k, v = self.pool.read(layer, block.pages[: pages_for(length)], length)
         if group == SHARED or offset == 0:
             return k, v
-        cos, sin = self.rotations.cos_sin(torch.tensor(offset, device=k.device), torch.float32)
-        return self.rotations.rotate(k.float(), cos, sin).to(k.dtype), v
+        return self.rotations.shift_layer(layer, k, offset), v
 
     def block_kv_all(self, group: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K (at block-local positions) and V of a block's first `length` tokens over all layers:
-        [layers, kv_heads, length, head_dim]."""
+        [layers, kv_heads, length, k_dim / v_dim]."""
         block = self.blocks[group][slot]
         return self.pool.read(None, block.pages[: pages_for(length)], length)
 
@@ -299,8 +307,8 @@ class RunCache:
     def write_block(
         self, group: int, slot: int, token_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        """Append tokens whose K/V (all layers, [layers, kv_heads, n, head_dim], keys at the block's local
-        positions) were computed elsewhere."""
+        """Append tokens whose K/V (all layers, [layers, kv_heads, n, k_dim / v_dim], keys at the block's
+        local positions) were computed elsewhere."""
         start = self.reserve(group, slot, len(token_ids))
         pages, offsets = self.blocks[group][slot].locations(start, len(token_ids))
         device = self.pool.k.device
@@ -312,10 +320,8 @@ class RunCache:
         step = self.blocks[STEPS][slot]
         if step.length == 0:
             return
-        k, v = self.pool.read(None, step.pages, step.length)  # [layers, kv_heads, length, head_dim]
-        start = self.shared_length
-        cos, sin = self.rotations.cos_sin(torch.tensor(start, device=k.device), torch.float32)
-        k = self.rotations.rotate(k.float(), cos, sin)
+        k, v = self.pool.read(None, step.pages, step.length)  # [layers, kv_heads, length, k_dim]
+        k = self.rotations.shift_all(k, self.shared_length)  # each layer by its own rotation
         self.write_block(SHARED, 0, step.token_ids, k, v)
         self.pool.release(step.pages)
         self.blocks[STEPS][slot] = Block()

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hogwild_agents import chat, validation
+from hogwild_agents.architecture import check_config, inspect_model
 from hogwild_agents.attention import ATTENTION_NAME, AttentionFn, eager_attention, fast_attention
 from hogwild_agents.attention import register as register_attention
 from hogwild_agents.cache import KVPool, KVShape
@@ -28,13 +29,12 @@ from hogwild_agents.encoding import TextEncoder
 from hogwild_agents.errors import InvalidArgumentError
 from hogwild_agents.handle import RunHandle
 from hogwild_agents.hooks import DEFAULT_TIMEOUT_S, EngineTool, Hooks, ToolRunner
-from hogwild_agents.loading import check_rope_support, load_model_and_tokenizer
+from hogwild_agents.loading import load_model_and_tokenizer
 from hogwild_agents.logits_processing import LogitsProcessorsArg
 from hogwild_agents.plan import ForwardPlan
 from hogwild_agents.prompt_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_BYTES
 from hogwild_agents.prompt_cache import PromptCache
 from hogwild_agents.results import HogwildResult, StepEvent, StepRecord
-from hogwild_agents.rotary import Rotations
 from hogwild_agents.run import HogwildRun, RunController, RunLimits
 from hogwild_agents.sampling import SamplingParams
 from hogwild_agents.scheduler import DEFAULT_BATCH_TOKENS, Scheduler
@@ -65,23 +65,24 @@ class HogwildEngine:
         prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES,
         compile: bool = False,
     ) -> None:
-        check_rope_support(model.config)
+        check_config(model.config)
         register_attention()
         model.set_attn_implementation(ATTENTION_NAME)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.rotations = Rotations.from_model(model)
-        config = model.config.get_text_config()
-        self.n_layers = config.num_hidden_layers
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = self.rotations.head_dim
-        self.max_positions = getattr(config, "max_position_embeddings", None) or 2**31
+        # each layer's rotation, window and K/V shape, probed; refuses what cannot be exact
+        self.attention = inspect_model(self.model)
+        self.rotations = self.attention.rotations
+        self.n_layers = self.attention.n_layers
+        self.kv_heads = self.attention.kv_heads
+        self.head_dim = self.attention.k_dim
+        self.max_positions = self.attention.max_positions
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # ids the model can embed
         self.prompt_cache = PromptCache(prefix_cache_bytes)  # K/V of recent prompts (and replies)
         self.encoder = TextEncoder(tokenizer)  # untrusted text never becomes control tokens
         self._no_mask = torch.zeros(1, 1, 1, 1, device=model.device)  # the hogwild attention needs none
-        self.kv_shape = KVShape(self.n_layers, self.kv_heads, self.head_dim, model.dtype, model.device)
+        self.kv_shape = KVShape.of(self.attention, model.dtype, model.device)
         check_engine_options(
             max_cache_bytes=max_cache_bytes,
             cache_memory_fraction=cache_memory_fraction,
@@ -138,7 +139,7 @@ class HogwildEngine:
         """An empty KV pool of this model's shape (the scheduler's, or a stepped run's private cache).
         Compiled, it holds a scratch page and grows when pages are reserved (at a run's admission), so
         that decoding does not change its storage (a new storage size compiles the buckets again)."""
-        pool = KVPool(self.kv_shape, self.rotations, max_bytes, grow_on_reserve=self.compile)
+        pool = KVPool(self.kv_shape, self.attention, max_bytes, grow_on_reserve=self.compile)
         if self.compile:
             pool.scratch_page()
         return pool

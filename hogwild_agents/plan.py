@@ -1,18 +1,18 @@
-"""One forward pass, planned: the rows of one run or of many, packed into one token sequence.
+"""One forward pass, planned: the rows of one run or of many, and the block reads their attention makes.
 
 Each row is one writer (a worker, or a run's prompt/header/injected text): tokens written at the end of
 the last block of its view. The rows of every run in the forward are packed into one sequence
 `[1, tokens]` (no padding), so a prompt chunk of one run and the single decode tokens of others go
-through the model's weights together. The plan turns the rows into the tensors the attention needs,
-once per forward and shared by all layers; it is built from plain Python lists, so its cost does not
-grow with the context length.
+through the model's weights together.
 
-For the batched attention (`attention.fast_attention`), rows are grouped into *batches*: every run whose
-rows each feed one token shares one batch; a run feeding several tokens in a row gets a batch of its
-own. In a batch the keys of each block group sit side by side on one key axis: per run, the blocks of
-the group its rows see, each padded to the same number of pages. The batch's `bias` masks that axis per
-(run, row, query): 0 where the key is in the row's view (and causally before the query), a large
-negative number elsewhere.
+Attention reads each block ONCE per forward (cascade attention): a `BlockRead` is one block with every
+query token that sees it, each with its own view offset of that block (the query is rotated by -offset,
+the RoPE trick), the number of the block's keys it sees (causality inside the block a row writes) and
+its view position (sliding windows and chunks). Every attention path attends the reads and merges each
+token's partial results by log-sum-exp (`block_attention.py`); the fast path groups the reads into
+`ReadBatch`es of similar shape, each one batched matmul over keys gathered once (or read in place when
+its pages are consecutive). Everything is built from plain Python lists once per forward and shared by
+all layers, so its cost does not grow with the context length.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from hogwild_agents.cache import GROUPS, PAGE_SIZE, SHARED, KVPool, RunCache, pages_for
+from hogwild_agents.cache import PAGE_SIZE, KVPool, RunCache, pages_for
 from hogwild_agents.views import Segment
 
-MASKED = torch.finfo(torch.float32).min
+SCORES_PER_BATCH = 1 << 23  # scores (slots x heads x keys) one read of a batch may hold before it is chunked
+SMALL_READ_PAGES = 8  # reads of at most this many pages share one batch, padded to the widest
 
 
 @dataclass(frozen=True)
@@ -51,40 +52,43 @@ class RowPlan:
         return sum(s.visible for s in self.segments) + len(self.token_ids)
 
 
-@dataclass
-class GroupKeys:
-    """One block group's part of a batch's key axis: `blocks` blocks per run, each `pages` pages wide."""
+@dataclass(frozen=True)
+class QueryRead:
+    """One query token's read of one block."""
 
-    group: int
-    blocks: int
-    pages: int
-    page_table: torch.Tensor  # [runs, blocks, pages] pool page of each key page
-    cos: torch.Tensor | None  # [runs, blocks, rows, rot]: query rotation by -offset (None: SHARED)
-    sin: torch.Tensor | None
-    first_page: int | None = None  # set when the table is one run of consecutive pages (read in place)
-
-    @property
-    def used(self) -> int:
-        return self.pages * PAGE_SIZE
-
-    @property
-    def width(self) -> int:
-        return self.blocks * self.used
+    token: int  # packed index of the query token in the forward
+    offset: int  # the block's offset in the token's view (the query is rotated by -offset)
+    limit: int  # keys of the block the token sees: local index < limit (its own causality included)
+    position: int  # the token's view position
 
 
 @dataclass
-class AttentionBatch:
-    """Runs attended together: `runs` x `rows` x `q_len` query slots (left-padded rows)."""
+class BlockRead:
+    """A block attended in this forward: the pool pages of its first `width` keys, and its queries."""
 
-    rows_of_runs: list[list[int]]  # forward row indices of each run
-    runs: int
-    rows: int
-    q_len: int
-    query_index: torch.Tensor  # [runs * rows * q_len] packed token of each query slot (0 for padding)
-    valid: torch.Tensor  # [runs * rows * q_len] bool: the slot holds a real token
-    tokens: torch.Tensor  # [valid slots] packed token of each valid slot, in slot order
-    groups: list[GroupKeys]
-    bias: torch.Tensor  # [runs, rows, q_len, keys]
+    pages: list[int]
+    width: int
+    queries: list[QueryRead]
+
+
+@dataclass
+class ReadBatch:
+    """Reads attended in one batched call: `reads` x `width` keys, each read by up to `slots` queries
+    (padding slots have limit 0 and see nothing). Keys come from `page_table`, or when its pages are
+    consecutive, straight from the pool storage from `first_page` on (no copy)."""
+
+    reads: int
+    slots: int
+    width: int  # keys per read (a multiple of PAGE_SIZE)
+    page_table: torch.Tensor  # [reads, width / PAGE_SIZE]
+    first_page: int | None
+    key_start: torch.Tensor  # [reads] local index of each read's first key in its block
+    token: torch.Tensor  # [reads, slots] packed query token of each slot (0 for padding)
+    offset: torch.Tensor  # [reads, slots]
+    limit: torch.Tensor  # [reads, slots] (0 for padding)
+    position: torch.Tensor  # [reads, slots]
+    rotated: bool  # some slot has a non-zero offset (else the queries need no rotation)
+    partial_token: list[int]  # packed token of each (read, slot) partial, -1 for padding
 
 
 class ForwardPlan:
@@ -95,8 +99,9 @@ class ForwardPlan:
             raise ValueError("every row of a forward must feed at least one token")
         self.rows = rows
         self.pool = pool
+        self.attention = pool.attention
         self.rotations = pool.rotations
-        self.derived: dict[str, Any] = {}  # tables an attention builds on the first layer, reused by the rest
+        self.derived: dict[Any, Any] = {}  # tables an attention builds on the first layer, reused by the rest
         device = pool.shape.device
         self.device = device
         self.row_starts = [0]
@@ -115,6 +120,31 @@ class ForwardPlan:
             offsets.extend(row_offsets)
             unrotate.extend([-row.target.offset] * n)
         self._lists = (ids, positions, pages, offsets, unrotate)
+        self.reads = self._block_reads()
+
+    def _block_reads(self) -> list[BlockRead]:
+        """Every block some row sees, once, with all the query tokens that see it."""
+        reads: dict[tuple[int, int, int], BlockRead] = {}
+        for n, row in enumerate(self.rows):
+            first_token = self.row_starts[n]
+            new = len(row.token_ids)
+            for seg in row.segments:
+                target = seg is row.target
+                key = (id(row.cache), seg.group, seg.slot)
+                read = reads.get(key)
+                if read is None:
+                    read = reads[key] = BlockRead([], 0, [])
+                for t in range(new):
+                    limit = seg.visible + (t + 1 if target else 0)
+                    if limit:
+                        read.queries.append(
+                            QueryRead(first_token + t, seg.offset, limit, row.first_position + t)
+                        )
+                if read.queries:
+                    read.width = max(read.width, max(q.limit for q in read.queries))
+                    block = row.cache.block(seg.group, seg.slot)
+                    read.pages = block.pages[: pages_for(read.width)]
+        return [read for read in reads.values() if read.queries]
 
     # the tensors are built on first use: a static decode step (static_step.py) packs its own
     @cached_property
@@ -138,21 +168,13 @@ class ForwardPlan:
         return torch.tensor(self._lists[3], dtype=torch.long, device=self.device)
 
     @cached_property
-    def _unrotation(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """New keys arrive rotated at view positions; blocks store them at local positions: cos/sin
-        [tokens, rot] of -offset of each token's block (None, None: every offset is 0)."""
+    def write_block_offsets(self) -> torch.Tensor | None:
+        """View offset of the block each new token is written into ([tokens]; None: every offset is 0).
+        New keys arrive rotated at view positions; blocks store them at local positions."""
         unrotate = self._lists[4]
         if not any(unrotate):
-            return None, None
-        return self.rotations.cos_sin(torch.tensor(unrotate, device=self.device), torch.float32)
-
-    @property
-    def unrotate_cos(self) -> torch.Tensor | None:
-        return self._unrotation[0]
-
-    @property
-    def unrotate_sin(self) -> torch.Tensor | None:
-        return self._unrotation[1]
+            return None
+        return -torch.tensor(unrotate, device=self.device)
 
     @property
     def single_tokens(self) -> bool:
@@ -167,106 +189,97 @@ class ForwardPlan:
         """Packed token indices of row `row`."""
         return range(self.row_starts[row], self.row_starts[row + 1])
 
+    # ---- the fast path's batches ---------------------------------------------------------------------
     @cached_property
-    def batches(self) -> list[AttentionBatch]:
-        """The rows grouped for batched attention (see the module docstring)."""
-        by_run: dict[int, list[int]] = {}
-        for n, row in enumerate(self.rows):
-            by_run.setdefault(id(row.cache), []).append(n)
-        decode = [rows for rows in by_run.values() if all(len(self.rows[n].token_ids) == 1 for n in rows)]
-        others = [rows for rows in by_run.values() if rows not in decode]
-        return [self._batch(group) for group in ([decode] if decode else []) + [[rows] for rows in others]]
+    def batches(self) -> list[ReadBatch]:
+        """The reads grouped for batched attention: small reads together (padded to the widest), larger
+        ones by slot count and power-of-two width; a read too large for one call is cut into chunks."""
+        heads = max(1, self.attention.layers[0].heads)
+        pieces: list[tuple[BlockRead, int, int]] = []  # (read, first key, keys)
+        for read in self.reads:
+            chunk = max(PAGE_SIZE, SCORES_PER_BATCH // (heads * len(read.queries)) // PAGE_SIZE * PAGE_SIZE)
+            for start in range(0, read.width, chunk):
+                pieces.append((read, start, min(chunk, read.width - start)))
+        groups: dict[tuple[int, int], list[tuple[BlockRead, int, int]]] = {}
+        for piece in pieces:
+            read, _, keys = piece
+            pages = pages_for(keys)
+            width_class = 0 if pages <= SMALL_READ_PAGES else (pages - 1).bit_length()
+            slot_class = (len(read.queries) - 1).bit_length()
+            groups.setdefault((width_class, slot_class), []).append(piece)
+        return [self._read_batch(group) for _, group in sorted(groups.items())]
 
-    def _batch(self, runs: list[list[int]]) -> AttentionBatch:
-        k = len(runs)
-        rows = max(len(r) for r in runs)
-        q_len = max(len(self.rows[n].token_ids) for r in runs for n in r)
-        query_index = [0] * (k * rows * q_len)
-        valid = [False] * (k * rows * q_len)
-        tokens = []
-        pads = [[q_len] * rows for _ in range(k)]
-        for b, run_rows in enumerate(runs):
-            for r, n in enumerate(run_rows):
-                span = self.row_tokens(n)
-                pads[b][r] = q_len - len(span)
-                for t, token in enumerate(span):
-                    slot = (b * rows + r) * q_len + pads[b][r] + t
-                    query_index[slot], valid[slot] = token, True
-        for slot, ok in enumerate(valid):
-            if ok:
-                tokens.append(query_index[slot])
+    def _read_batch(self, pieces: list[tuple[BlockRead, int, int]]) -> ReadBatch:
+        width_pages = max(pages_for(keys) for _, _, keys in pieces)
+        slots = max(len(read.queries) for read, _, _ in pieces)
+        table, key_start, token, offset, limit, position, partial_token = [], [], [], [], [], [], []
+        for read, start, _ in pieces:
+            first = start // PAGE_SIZE
+            own = read.pages[first : first + width_pages]
+            table.append(own + self._padding_pages(own, width_pages - len(own)))
+            key_start.append(start)
+            pad = slots - len(read.queries)
+            token.append([q.token for q in read.queries] + [0] * pad)
+            offset.append([q.offset for q in read.queries] + [0] * pad)
+            limit.append([q.limit for q in read.queries] + [0] * pad)
+            position.append([q.position for q in read.queries] + [0] * pad)
+            partial_token += [q.token for q in read.queries] + [-1] * pad
+        flat = [page for row in table for page in row]
+        consecutive = flat == list(range(flat[0], flat[0] + len(flat))) and flat[-1] < self.pool.n_pages
+        device = self.device
 
-        # per group: the blocks each run's rows see, in slot order
-        groups: list[GroupKeys] = []
-        limits_base: list[list[list[int]]] = [[[] for _ in range(rows)] for _ in range(k)]  # [b][r][block]
-        target_block = [[-1] * rows for _ in range(k)]
-        for g in GROUPS:
-            slots = [sorted({s.slot for n in r for s in self.rows[n].segments if s.group == g}) for r in runs]
-            n_blocks = max(len(s) for s in slots)
-            if n_blocks == 0:
-                continue
-            first_block = len(limits_base[0][0])
-            needed = [[0] * n_blocks for _ in range(k)]
-            offsets = [[[0] * rows for _ in range(n_blocks)] for _ in range(k)]
-            for b, run_rows in enumerate(runs):
-                for r in range(rows):
-                    limits_base[b][r].extend([0] * n_blocks)
-                for r, n in enumerate(run_rows):
-                    row = self.rows[n]
-                    for seg in row.segments:
-                        if seg.group != g:
-                            continue
-                        j = slots[b].index(seg.slot)
-                        new = len(row.token_ids) if seg is row.target else 0
-                        needed[b][j] = max(needed[b][j], seg.visible + new)
-                        offsets[b][j][r] = seg.offset
-                        limits_base[b][r][first_block + j] = seg.visible
-                        if seg is row.target:
-                            target_block[b][r] = first_block + j
-            n_pages = max(1, max(pages_for(x) for per_run in needed for x in per_run))
-            table = []
-            for b in range(k):
-                run_cache = self.rows[runs[b][0]].cache
-                per_block = []
-                for j in range(n_blocks):
-                    pages = []
-                    if j < len(slots[b]):
-                        pages = run_cache.block(g, slots[b][j]).pages[: pages_for(needed[b][j])]
-                    per_block.append(pages + [0] * (n_pages - len(pages)))
-                table.append(per_block)
-            cos = sin = None
-            if g != SHARED:
-                deltas = -torch.tensor(offsets, device=self.device)  # [k, blocks, rows]
-                cos, sin = self.rotations.cos_sin(deltas, torch.float32)
-            flat = [page for per_run in table for per_block in per_run for page in per_block]
-            consecutive = flat == list(range(flat[0], flat[0] + len(flat)))
-            page_table = torch.tensor(table, dtype=torch.long, device=self.device)
-            groups.append(
-                GroupKeys(g, n_blocks, n_pages, page_table, cos, sin, flat[0] if consecutive else None)
-            )
+        def tensor(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
 
-        # limits[b, r, t, block]: keys of `block` visible to query t of row r of run b
-        base = torch.tensor(limits_base, dtype=torch.long)  # [k, rows, blocks]
-        n_blocks_total = base.shape[-1]
-        pad = torch.tensor(pads, dtype=torch.long)  # [k, rows]
-        grow = (torch.arange(q_len)[None, None] - pad[..., None] + 1).clamp_min(0)  # [k, rows, q_len]
-        target = torch.tensor(target_block, dtype=torch.long)
-        onehot = torch.zeros(k, rows, n_blocks_total + 1, dtype=torch.long)
-        onehot.scatter_(2, torch.where(target < 0, n_blocks_total, target)[..., None], 1)
-        limits = base[:, :, None] + grow[..., None] * onehot[:, :, None, :n_blocks_total]
-        widths = [gk.used for gk in groups for _ in range(gk.blocks)]
-        local = torch.cat([torch.arange(w) for w in widths])  # [keys] index inside its block
-        block_of = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
-        visible = local < limits[..., block_of]  # [k, rows, q_len, keys]
-        bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, MASKED)
-        return AttentionBatch(
-            rows_of_runs=runs,
-            runs=k,
-            rows=rows,
-            q_len=q_len,
-            query_index=torch.tensor(query_index, dtype=torch.long, device=self.device),
-            valid=torch.tensor(valid, device=self.device),
-            tokens=torch.tensor(tokens, dtype=torch.long, device=self.device),
-            groups=groups,
-            bias=bias.to(self.device),
+        return ReadBatch(
+            reads=len(pieces),
+            slots=slots,
+            width=width_pages * PAGE_SIZE,
+            page_table=tensor(table),
+            first_page=flat[0] if consecutive else None,
+            key_start=tensor(key_start),
+            token=tensor(token),
+            offset=tensor(offset),
+            limit=tensor(limit),
+            position=tensor(position),
+            rotated=any(any(row) for row in offset),
+            partial_token=partial_token,
         )
+
+    def _padding_pages(self, pages: list[int], count: int) -> list[int]:
+        """Pages to pad a read with (their keys are masked): the pages that follow in the storage when
+        there are any, so that a consecutive read stays consecutive; else page 0."""
+        if not count:
+            return []
+        nxt = pages[-1] + 1 if pages else 0
+        if nxt + count <= self.pool.n_pages:
+            return list(range(nxt, nxt + count))
+        return [0] * count
+
+    @cached_property
+    def merge_table(self) -> torch.Tensor:
+        """[tokens, most partials of a token] index of each token's partials among all the batches'
+        (read, slot) partials, padded with the index one past the last (an empty partial)."""
+        per_token: list[list[int]] = [[] for _ in range(self.n_tokens)]
+        index = 0
+        for batch in self.batches:
+            for token in batch.partial_token:
+                if token >= 0:
+                    per_token[token].append(index)
+                index += 1
+        width = max(len(p) for p in per_token)
+        return torch.tensor(
+            [p + [index] * (width - len(p)) for p in per_token], dtype=torch.long, device=self.device
+        )
+
+    def read_pages(self) -> tuple[int, int]:
+        """(pages the fast path's batches gather or read, distinct pages of all rows' views): the first
+        is what the attention reads, the second the physical floor of reading each block once."""
+        read = sum(b.reads * b.width // PAGE_SIZE for b in self.batches)
+        unique = set()
+        for row in self.rows:
+            for seg in row.segments:
+                length = seg.visible + (len(row.token_ids) if seg is row.target else 0)
+                block = row.cache.block(seg.group, seg.slot)
+                unique.update((id(row.cache), p) for p in block.pages[: pages_for(length)])
+        return read, len(unique)

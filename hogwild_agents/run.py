@@ -399,10 +399,7 @@ class HogwildRun:
             if seg.visible:
                 k, v = self.cache.block_kv_all(seg.group, seg.slot, seg.visible)
                 if seg.offset and seg.group != SHARED:
-                    cos, sin = self.cache.rotations.cos_sin(
-                        torch.tensor(seg.offset, device=k.device), torch.float32
-                    )
-                    k = self.cache.rotations.rotate(k.float(), cos, sin).to(k.dtype)
+                    k = self.cache.rotations.shift_all(k, seg.offset)
                 keys.append(k)
                 values.append(v)
                 ids += self.cache.token_ids(seg.group, seg.slot)[: seg.visible]

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hogwild_agents import LAYOUTS, HogwildEngine
 from hogwild_agents.cache import PAGE_SIZE
-from hogwild_agents.static_step import StaticDecodeStep, bucket, decode_tables
+from hogwild_agents.static_step import LONG_TILE, StaticDecodeStep, bucket, decode_tables, round_up, tiles_of
 from tests.conftest import named_script
 from tests.test_equivalence import PROMPT, assert_logits_close, step_side_by_side
 
@@ -29,20 +29,49 @@ def static_engine(engine: HogwildEngine, **step_options) -> HogwildEngine:
     return other
 
 
-def test_buckets_are_powers_of_two():
+def test_rows_are_bucketed_to_powers_of_two_and_tiles_to_multiples():
     assert [bucket(n) for n in (0, 1, 2, 3, 4, 5, 17)] == [1, 1, 2, 4, 4, 8, 32]
     assert bucket(3, minimum=8) == 8
+    assert [round_up(n, 4) for n in (0, 1, 4, 5, 9)] == [0, 4, 4, 8, 12]
+
+
+def test_tiles_read_each_block_once(tiny_engines):
+    """Every page of every block a decode forward reads is in exactly one tile, with every row that sees
+    the block as a slot; long tiles hold LONG_TILE pages of one block."""
+    engine = tiny_engines["llama"]
+    long_prompt = PROMPT * 20  # 400 tokens: a long tile and single pages
+    run = engine.start(long_prompt, n_workers=3, layout="contiguous", protocol=named_script(long_prompt, 3))
+    seen = {}
+
+    def forward(plan, attend):
+        seen["tiles"] = tiles_of(plan)
+        seen["plan"] = plan
+        return plain(plan, attend)
+
+    for _ in range(3):
+        run.step()
+    engine.forward, plain = forward, engine.forward
+    try:
+        run.step()
+    finally:
+        engine.forward = plain
+    tiles, plan = seen["tiles"], seen["plan"]
+    pages = [p for t in tiles for p in t[0]]
+    assert len(pages) == len(set(pages)) == plan.read_pages()[1]
+    assert any(len(t[0]) == LONG_TILE for t in tiles)  # the long prompt
+    shared = [t for t in tiles if t[0][0] == run.cache.block(0).pages[0]]
+    assert len(shared) == 1 and [s[0] for s in shared[0][2]] == [0, 1, 2]  # read once, by all three rows
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_static_step_equals_the_fast_path(tiny_engines, layout):
     """3 workers: one padding row; forced breaks move steps into history, an inject joins the prompt."""
     fast = tiny_engines["qwen3"]
-    static = static_engine(fast, min_pages=1)
+    static = static_engine(fast)
     options = dict(n_workers=3, layout=layout, protocol=named_script(PROMPT, 3), max_new_tokens=30)
     runs = [engine.start(PROMPT, **options) for engine in (fast, static)]
     step_side_by_side(runs, 20, inject_at=5, force_every=6)
-    assert {rows for rows, _, _ in static.decode_step.buckets_used} == {4}
+    assert {shape.rows for shape, _ in static.decode_step.buckets_used} == {4}
 
 
 def test_static_step_serves_many_runs_in_one_forward(tiny_engines):
@@ -55,7 +84,7 @@ def test_static_step_serves_many_runs_in_one_forward(tiny_engines):
     results = static.generate_many(prompts, **options)
     for want, got in zip(expected, results, strict=True):
         assert [w.token_ids for w in got.workers] == [w.token_ids for w in want.workers]
-    assert any(rows >= 4 for rows, _, _ in static.decode_step.buckets_used)  # rows of several runs
+    assert any(shape.rows >= 4 for shape, _ in static.decode_step.buckets_used)  # rows of several runs
 
 
 class OpRecorder(TorchDispatchMode):
@@ -72,7 +101,7 @@ def test_the_static_forward_is_the_same_ops_for_a_bucket_and_never_reads_values_
     """Fixed shapes and no host syncs: every forward of one bucket dispatches the same operator sequence,
     and none reads a tensor value back (`.item()`, `.tolist()`: aten._local_scalar_dense)."""
     engine = tiny_engines["qwen2"]
-    step = StaticDecodeStep(engine.model, min_pages=16)
+    step = StaticDecodeStep(engine.model)
     sequences: dict[tuple, Counter] = {}
     run = engine.start(PROMPT, n_workers=2, protocol=named_script(PROMPT, 2), max_new_tokens=20)
     run.step()  # the step headers (several tokens per row)
@@ -90,7 +119,7 @@ def test_the_static_forward_is_the_same_ops_for_a_bucket_and_never_reads_values_
             with recorder:
                 logits = step(plan)
             plan_seen["ops"] = recorder.ops
-            plan_seen["key"] = decode_tables(plan, plan.pool.scratch_page(), min_pages=16).page_bucket
+            plan_seen["key"] = decode_tables(plan, plan.pool.scratch_page()).shape
             return logits
 
         engine.forward, plain = forward, engine.forward
@@ -164,7 +193,7 @@ def test_compiled_step_equals_eager_over_200_steps(tiny_engines, one_thread, mon
     eager = tiny_engines["qwen3"]
     compiled = HogwildEngine(eager.model, eager.tokenizer, compile=True)
     backend = CompileCounterWithBackend("inductor")
-    compiled.decode_step = StaticDecodeStep(eager.model, compile=True, backend=backend, min_pages=32)
+    compiled.decode_step = StaticDecodeStep(eager.model, compile=True, backend=backend)
     for engine in (eager, compiled):  # every worker decodes all 200 steps (the shared engine restored after)
         monkeypatch.setattr(engine, "eos_token_ids", frozenset())
     options = dict(n_workers=3, protocol=named_script(PROMPT, 3), max_new_tokens=240)
@@ -187,6 +216,6 @@ def test_compiled_step_equals_eager_over_200_steps(tiny_engines, one_thread, mon
     assert decode_steps >= 150
     assert runs[1].cache.shared_length > runs[1].prompt_tokens  # steps moved into the history
     assert sum(counters["graph_break"].values()) == breaks_before
-    assert len({pages for _, pages, _ in buckets}) == 2  # 32 and 64 pages (views grew past 512 tokens)
-    assert backend.frame_count == len(buckets)  # one compilation per bucket, no recompilation
+    assert len({shape for shape, _ in buckets}) >= 4  # tile counts changed as the views grew
+    assert backend.frame_count <= 3  # tile counts are symbolic: no compilation per count
     assert max(len(run.view_token_ids(0)) for run in runs) > 32 * PAGE_SIZE

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from hogwild_agents import LAYOUTS, HogwildEngine, UnsupportedModelError
+from hogwild_agents.architecture import check_config
 from hogwild_agents.cache import HEADERS, PAGE_SIZE, SHARED, STEPS
 from hogwild_agents.errors import InvalidArgumentError
-from hogwild_agents.loading import check_rope_support
 from tests.conftest import TINY, named_script
 
 PROMPT = "<|im_start|>user\nCount to ten.<|im_end|>\n<|im_start|>assistant\n"
@@ -259,10 +259,10 @@ def test_empty_prompts_are_refused(tiny_engines):
 
 def test_models_without_composable_rope_are_refused():
     with pytest.raises(UnsupportedModelError, match="rotary"):
-        check_rope_support(GPT2Config())
+        check_config(GPT2Config())
     dynamic = LlamaConfig(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(UnsupportedModelError, match="dynamic"):
-        check_rope_support(dynamic)
+        check_config(dynamic)
 
 
 def test_finished_workers_take_no_forced_tokens(tiny_engines):
