@@ -14,6 +14,9 @@ chunked). `inspect_model` establishes that for a loaded model, or refuses it wit
    attention function (a layer with its own attention code would silently ignore the shared cache), with
    only keyword arguments whose meaning the engine honours (`scaling`, `sliding_window`, `softcap`,
    `s_aux` sinks, ...).
+   The same forward lets the model build its own attention masks (transformers' mask functions), and
+   each layer's mask function is evaluated far into the context: it must be causal, a sliding window
+   or a chunk of positions, which the engine then rebuilds over view positions.
 3. A second probe forward where each attention module receives the SAME hidden state at every position
    (positions far apart): whatever still differs between positions in the queries and keys is what the
    model does with positions. Per layer it must be nothing (a NoPE layer) or one rotation matching the
@@ -25,7 +28,7 @@ The result, `ModelAttention`, gives the engine each layer's rotation, window and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.masking_utils import causal_mask_function
 
 from hogwild_agents.errors import UnsupportedModelError
 from hogwild_agents.rotary import RotarySpec, Rotations
@@ -259,15 +263,27 @@ class ProbeCall:
     key: torch.Tensor  # [kv_heads, tokens, k_dim]
     value: torch.Tensor  # [kv_heads, tokens, v_dim]
     kwargs: dict[str, Any]
+    mask_function: Callable | None = None  # the model's mask for this layer (None: not one of transformers')
 
 
 _stray_calls: list[nn.Module] | None = None  # set while probing: attention calls that got no probe
+_probe_masks: dict[int, tuple[torch.Tensor, Callable]] | None = None  # set while probing: mask sentinels
 
 
 def stray_call(module: nn.Module) -> None:
     """Note an attention call without the forward's keyword arguments (while a probe runs)."""
     if _stray_calls is not None:
         _stray_calls.append(module)
+
+
+def mask_sentinel(mask_function: Callable) -> torch.Tensor | None:
+    """While a probe runs: a stand-in for the mask the model asks for, remembering its mask function (the
+    registered mask builder returns it, and the attention probe looks it up); else None."""
+    if _probe_masks is None:
+        return None
+    sentinel = torch.zeros(1, 1, 1, 1)
+    _probe_masks[id(sentinel)] = (sentinel, mask_function)
+    return sentinel
 
 
 class AttentionProbe:
@@ -277,39 +293,52 @@ class AttentionProbe:
         self.calls: list[ProbeCall] = []
 
     def record(
-        self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        kwargs: dict,
     ) -> torch.Tensor:
-        self.calls.append(
-            ProbeCall(
-                module, query[0].detach().float(), key[0].detach().float(), value[0].detach().float(), kwargs
-            )
-        )
+        """Keep the call (and, for a mask the model built, its mask function); return zeros."""
+        masks = _probe_masks or {}
+        mask_function = causal_mask_function if mask is None else masks.get(id(mask), (None, None))[1]
+        q, k, v = (t[0].detach().float() for t in (query, key, value))
+        self.calls.append(ProbeCall(module, q, k, v, kwargs, mask_function))
         _, heads, tokens, _ = query.shape
         return value.new_zeros(1, tokens, heads, value.shape[-1])
 
 
-def _forward(model: nn.Module, positions: list[int], probe: AttentionProbe) -> list[nn.Module]:
-    """Run the probe forward; return the modules that called the attention function without it."""
-    global _stray_calls
+def _forward(
+    model: nn.Module, positions: list[int], probe: AttentionProbe, *, model_masks: bool
+) -> list[nn.Module]:
+    """Run a probe forward; return the modules that called the attention function without the probe.
+    `model_masks`: the model builds its own masks (positions must then be 0, 1, 2, ...)."""
+    global _stray_calls, _probe_masks
     device = next(model.parameters()).device
     ids = torch.full((1, len(positions)), _probe_token(model), dtype=torch.long, device=device)
+    mask = None if model_masks else torch.zeros(1, 1, 1, 1, device=device)  # 4D: used as given
     _stray_calls = []
+    _probe_masks = {} if model_masks else None
     with torch.inference_mode():
         try:
             model(
                 input_ids=ids,
                 position_ids=torch.tensor([positions], device=device),
-                attention_mask=torch.zeros(1, 1, 1, 1, device=device),
+                attention_mask=mask,
                 use_cache=False,
                 hogwild_probe=probe,
             )
         except TypeError as error:
+            if "hogwild_probe" not in str(error):
+                raise
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not pass keyword arguments through to its attention ({error}); "
                 "hogwild_agents runs models built on transformers' attention interface."
             ) from error
         finally:
-            stray, _stray_calls = _stray_calls, None
+            stray, _stray_calls, _probe_masks = _stray_calls, None, None
     return stray
 
 
@@ -392,7 +421,7 @@ def inspect_model(model: nn.Module) -> ModelAttention:
     name = type(model).__name__
 
     discovery = AttentionProbe()
-    stray = _forward(model, positions, discovery)
+    stray = _forward(model, list(range(len(positions))), discovery, model_masks=True)
     if stray:
         layers = sorted({getattr(m, "layer_idx", -1) for m in stray})
         raise UnsupportedModelError(
@@ -403,18 +432,19 @@ def inspect_model(model: nn.Module) -> ModelAttention:
     modules = _attention_modules(discovery, n_layers, name)
     probe = AttentionProbe()
     with _same_hidden_state(modules):
-        _forward(model, positions, probe)
+        _forward(model, positions, probe, model_masks=False)
     calls = {id(call.module): call for call in probe.calls}
+    masks = {id(call.module): call.mask_function for call in discovery.calls}
 
     candidates = _inv_freq_candidates(model)
     deltas = torch.tensor(positions, dtype=torch.float64) - positions[0]
     tol = _tolerance(next(model.parameters()).dtype)
-    masks = layer_masks(config, n_layers)
+    configured = layer_masks(config, n_layers)
     layers = []
     for index, module in enumerate(modules):
         call = calls[id(module)]
         rotary = _layer_rotation(call, deltas, candidates, tol, index, name)
-        window, chunk = _layer_window(call, masks[index], index, name)
+        window, chunk = _layer_window(call, masks[id(module)], configured[index], max_positions, index, name)
         softcap = call.kwargs.get("softcap")
         sinks = call.kwargs.get("s_aux") is not None
         if getattr(module, "sinks", None) is not None and not sinks:
@@ -492,14 +522,71 @@ def _layer_rotation(
 
 
 def _layer_window(
-    call: ProbeCall, configured: tuple[int | None, int | None], index: int, name: str
+    call: ProbeCall,
+    mask_function: Callable | None,
+    configured: tuple[int | None, int | None],
+    max_positions: int,
+    index: int,
+    name: str,
 ) -> tuple[int | None, int | None]:
-    window, chunk = configured
+    """The layer's (sliding window, chunk), from the mask the model builds for it; the window it passes
+    to the attention function and its config's layer type must agree."""
+    if mask_function is None:
+        raise UnsupportedModelError(
+            f"layer {index} of {name} gets an attention mask that transformers' mask functions did not "
+            "make; hogwild_agents cannot tell which keys it lets the layer see."
+        )
+    window, chunk = mask_pattern(mask_function, max_positions, f"layer {index} of {name}")
     passed = call.kwargs.get("sliding_window")
-    if passed is not None:
-        if window is not None and passed != window:
-            raise UnsupportedModelError(
-                f"layer {index} of {name} passes sliding_window={passed} but its config gives {window}."
-            )
-        window = int(passed)
+    if passed is not None and passed != window:
+        raise UnsupportedModelError(
+            f"layer {index} of {name} passes sliding_window={passed} to its attention, but its mask "
+            f"{'has no sliding window' if window is None else f'has a window of {window}'}."
+        )
+    if (window, chunk) != configured and configured != (None, None):
+        raise UnsupportedModelError(
+            f"layer {index} of {name}: its mask (window {window}, chunk {chunk}) and its config's layer type "
+            f"(window {configured[0]}, chunk {configured[1]}) disagree."
+        )
     return window, chunk
+
+
+def _mask_queries(max_positions: int) -> list[int]:
+    """Query positions to evaluate a mask at: small ones, each power of two and its neighbours, the last."""
+    queries = {0, 1, 2, 3, max_positions - 1}
+    power = 4
+    while power < max_positions:
+        queries.update((power - 1, power, power + 1))
+        power *= 2
+    return sorted(q for q in queries if 0 <= q < max_positions)
+
+
+def mask_pattern(mask_function: Callable, max_positions: int, what: str) -> tuple[int | None, int | None]:
+    """(sliding window, chunk) of a transformers mask function `(batch, head, q, kv) -> bool`: evaluated
+    for queries all over the context, it must be causal, with each query seeing one run of keys ending
+    at itself that starts at 0 (full), at q - window + 1 (sliding window) or at q // chunk * chunk."""
+    first: dict[int, int] = {}
+    zero = torch.zeros((), dtype=torch.long)
+    for q in _mask_queries(max_positions):
+        keys = torch.arange(q + 2)
+        seen = torch.as_tensor(mask_function(zero, zero, torch.tensor(q), keys)).expand(q + 2)
+        start = int(seen.float().argmax())
+        if seen[q + 1] or not seen[q] or not seen[start : q + 1].all() or seen[:start].any():
+            raise UnsupportedModelError(
+                f"{what} masks its attention in a way that is not causal attention over one run of keys "
+                "(full, sliding window or chunked); hogwild_agents cannot rebuild that mask."
+            )
+        first[q] = start
+    late = {q: start for q, start in first.items() if start > 0}
+    if not late:
+        return None, None
+    windows = {q - start + 1 for q, start in late.items()}
+    if len(windows) == 1 and all(first[q] == max(0, q - next(iter(windows)) + 1) for q in first):
+        return next(iter(windows)), None
+    chunk = min(late.values())
+    if all(start == q // chunk * chunk for q, start in first.items()):
+        return None, chunk
+    raise UnsupportedModelError(
+        f"{what} masks its attention with neither a fixed sliding window nor fixed chunks; hogwild_agents "
+        "cannot rebuild that mask."
+    )

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 
-from hogwild_agents.architecture import AttentionProbe, stray_call
+from hogwild_agents.architecture import AttentionProbe, mask_sentinel, stray_call
 from hogwild_agents.block_attention import (
     LayerProps,
     merge_partials,
@@ -227,7 +227,9 @@ def hogwild_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function registered as `hogwild` in transformers' AttentionInterface."""
     if hogwild_probe is not None:
-        return hogwild_probe.record(module, query, key, value, {"scaling": scaling, **kwargs}), None
+        return hogwild_probe.record(
+            module, query, key, value, attention_mask, {"scaling": scaling, **kwargs}
+        ), None
     if hogwild_reference is not None:  # reference.view_kv_logits: the model's attention over a view
         return hogwild_reference.attend(module, query, key, value, scaling=scaling, dropout=dropout, **kwargs)
     if hogwild_plan is None:
@@ -277,7 +279,17 @@ def _additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Te
     return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, blocked)
 
 
+def hogwild_mask(
+    *args: Any, mask_function: Callable = causal_mask_function, **kwargs: Any
+) -> torch.Tensor | None:
+    """The mask builder registered with the attention: SDPA's (a probe records the mask function)."""
+    sentinel = mask_sentinel(mask_function)
+    if sentinel is not None:
+        return sentinel
+    return sdpa_mask(*args, mask_function=mask_function, **kwargs)
+
+
 def register() -> None:
     """Register the `hogwild` attention (and its SDPA mask) with transformers; idempotent."""
     AttentionInterface.register(ATTENTION_NAME, hogwild_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, hogwild_mask)
