@@ -187,6 +187,12 @@ def check_config(config: Any) -> None:
             "shared cache blocks at different positions per worker."
         )
     params = rope_parameters(config)
+    if not params and getattr(config, "rotary_dim", None):
+        raise UnsupportedModelError(
+            f"{name} rotates by a precomputed table of sines and cosines (`rotary_dim`) and names no RoPE "
+            "parameters, so the engine cannot re-rotate cached keys exactly; use a model whose config has "
+            "`rope_parameters` (Llama, Qwen, Mistral, Gemma, Phi-3...)."
+        )
     if not params:
         raise UnsupportedModelError(
             f"{name} has no rotary position embeddings (RoPE); hogwild_agents needs RoPE to place shared "
@@ -397,7 +403,7 @@ def find_rotation(
     if _matches(base.expand_as(x), x.double(), tol / 4):
         return None
     dim = x.shape[-1]
-    for freq in candidates:
+    for freq in [f for f in candidates for f in (f, -f)]:  # some models rotate the other way (NanoChat)
         rot = 2 * freq.numel()
         if rot > dim:
             continue
