@@ -30,8 +30,8 @@ from tests.test_equivalence import assert_logits_close, hf_greedy
 
 PROMPT = (
     "<|im_start|>user\nList three prime numbers and explain why each of them is prime. Then list three "
-    "more, say which of the six is the largest, and check your answer with the calculator. Leave a blank line "
-    "after each step, and keep every step short, clear and easy to follow for a young reader.<|im_end|>\n"
+    "more, say which of the six is the largest, and check your answer with the calculator. Leave a blank "
+    "line after each step, and keep every step short, clear, easy to follow for a young reader.<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
 SUPPORTED = [f.name for f in FAMILIES if f.supported]
