@@ -39,6 +39,7 @@ from torch import nn
 from transformers.masking_utils import causal_mask_function
 
 from hogwild_agents.errors import UnsupportedModelError
+from hogwild_agents.quantization import check_quantization
 from hogwild_agents.rotary import RotarySpec, Rotations
 
 # RoPE variants whose frequencies are fixed (pure rotations compose: R(a)R(b) = R(a+b)); "longrope" is
@@ -421,6 +422,7 @@ def inspect_model(model: nn.Module) -> ModelAttention:
     docstring); refuse it with UnsupportedModelError when the shared cache cannot be exact for it."""
     config = text_config(model.config)
     check_config(config)
+    check_quantization(model)
     max_positions, notes = context_limit(config)
     n_layers = config.num_hidden_layers
     positions = [p for p in PROBE_POSITIONS if p < max_positions]
