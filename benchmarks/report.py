@@ -146,25 +146,13 @@ def tables(results: dict[str, Any]) -> list[tuple[str, Row, list[Row]]]:
                 for r in results["kv_cache"]
             ],
         ),
-        (
-            "Attention of one layer at the given context, median ms (N views of the context vs SDPA over "
-            "N sequences of it)",
-            ("N", "context", "SDPA", "fast", "static", "static compiled", "triton", "compiled / SDPA"),
-            [
-                (
-                    _fmt(r["workers"]),
-                    _fmt(r["context"]),
-                    _fmt(r["sdpa_ms"], 3),
-                    _fmt(r["fast_ms"], 3),
-                    _fmt(r["static_ms"], 3),
-                    _fmt(r["static_compiled_ms"], 3),
-                    _fmt(r.get("triton_ms"), 3),
-                    _fmt(r["compiled_vs_sdpa"]),
-                )
-                for r in results.get("attention", [])
-            ],
-        ),
     ]
+    if results.get("attention"):
+        from benchmarks.attention import table
+
+        context = results["attention"][0]["context"]
+        header, rows = table(results["attention"])
+        out.append((f"Attention of one layer at {context} shared tokens, median ms", header, rows))
     if results["bandwidth"]:
         bandwidth = results["setup"]["bandwidth"]
         out.append(

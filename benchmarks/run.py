@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,10 @@ def measure(settings: Settings) -> dict[str, Any]:
                     static_decode_compiled_ms=ms["static_c"],
                     compiled_vs_eager=ms["hogwild_c"] / ms["hogwild"],
                     vs_static_decode_compiled=ms["hogwild_c"] / ms["static_c"],
-                    buckets=sorted(compiled.decode_step.buckets_used),
+                    buckets=[
+                        dict(asdict(shape), pool_pages=pages)
+                        for shape, pages in sorted(compiled.decode_step.buckets_used, key=_bucket_key)
+                    ],
                 )
             )
         results["throughput"].append(
@@ -211,11 +214,25 @@ def measure(settings: Settings) -> dict[str, Any]:
         results["message_passing"].append(_collaboration(engine, prompt, ids, n, settings))
         _free(settings.device)
     if settings.attention_context:
-        from benchmarks.attention import attention_overhead
+        from benchmarks import attention
 
-        results["attention"] = attention_overhead(engine, settings.attention_context, settings.workers)
+        results["attention"] = attention.measure(
+            engine.attention.layers[0],
+            settings.attention_context,
+            settings.workers,
+            device=settings.device,
+            dtype=settings.dtype,
+            own=min(attention.OWN_TOKENS, settings.attention_context),
+            compile=settings.compile,
+            repeats=settings.repeats * settings.steps,
+        )
     results["targets"] = _targets(results)
     return results
+
+
+def _bucket_key(bucket: tuple[Any, int]) -> tuple[int, ...]:
+    shape, pages = bucket
+    return (*astuple(shape), pages)
 
 
 def compiled_engine(engine: HogwildEngine) -> HogwildEngine:
@@ -275,16 +292,17 @@ def _collaboration(
 
 
 def _targets(results: dict[str, Any]) -> dict[str, Any]:
-    """The speed targets at N=4, when N=4 was measured (the compiled ones with --compile)."""
+    """The speed targets at N=4, when N=4 was measured (the compiled ones with --compile), and the
+    attention ones (with --attention-context)."""
     latency = {row["workers"]: row for row in results["latency"]}
     throughput = {row["workers"]: row for row in results["throughput"]}
-    if 4 not in latency:
-        return {}
-    targets = dict(
-        latency_vs_decode_n4=dict(value=latency[4]["vs_decode"], target="<= 1.3"),
-        throughput_vs_single_n4=dict(value=throughput[4]["ratio"], target=">= 2.5"),
-    )
+    targets: dict[str, Any] = {}
+    if 4 in latency:
+        targets["latency_vs_decode_n4"] = dict(value=latency[4]["vs_decode"], target="<= 1.3")
+        targets["throughput_vs_single_n4"] = dict(value=throughput[4]["ratio"], target=">= 2.5")
     compiled = {row["workers"]: row for row in results["compiled"]}
+    for n, row in compiled.items():
+        targets[f"compiled_vs_eager_n{n}"] = dict(value=row["compiled_vs_eager"], target="<= 1.0")
     if 4 in compiled:
         targets["compiled_vs_static_decode_compiled_n4"] = dict(
             value=compiled[4]["vs_static_decode_compiled"], target="<= 1.15"
@@ -294,12 +312,11 @@ def _targets(results: dict[str, Any]) -> dict[str, Any]:
         targets["compiled_vs_bandwidth_bound_n4"] = dict(
             value=bandwidth[4]["hogwild_compiled_vs_bound"], target="<= 1.5"
         )
-    for row in results["attention"]:
-        limit = {2: "<= 1.2", 4: "<= 1.5"}.get(row["workers"])
-        if limit is not None and row["compiled_vs_sdpa"] is not None:
-            targets[f"attention_vs_sdpa_n{row['workers']}"] = dict(
-                value=row["compiled_vs_sdpa"], target=limit
-            )
+    if results["attention"]:
+        from benchmarks import attention
+
+        device = torch.device(results["setup"]["device"])
+        targets.update(attention.targets(results["attention"], device))
     return targets
 
 

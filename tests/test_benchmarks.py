@@ -127,7 +127,12 @@ def test_compile_adds_the_compiled_step_and_attention_sections(monkeypatch, tmp_
     assert all(row["hogwild_compiled_vs_bound"] > 0 for row in results["bandwidth"])
     assert [row["workers"] for row in results["attention"]] == results["setup"]["workers"]
     for row in results["attention"]:
-        assert row["context"] == 64 and row["sdpa_ms"] > 0 and row["static_compiled_ms"] > 0
+        assert row["context"] == 64 and row["sdpa_one_sequence_ms"] > 0 and row["static_compiled_ms"] > 0
+        assert row["fast_vs_one_sequence"] == pytest.approx(row["fast_ms"] / row["sdpa_one_sequence_ms"])
+        for path in ("fast", "static", "static_compiled", "sdpa_blocks"):
+            assert row["max_error"][path] < 1e-4, path  # every path's output is the reference's
+        assert row["bytes_read"]["fast"] >= row["unique_bytes"] > 0
+    assert "compiled_vs_eager_n1" in results["targets"]
     titles = [title for title, _, _ in tables(results)]
     assert any(title.startswith("Compiled decode step") for title in titles)
     assert any(title.startswith("Attention of one layer") for title in titles)
@@ -135,31 +140,59 @@ def test_compile_adds_the_compiled_step_and_attention_sections(monkeypatch, tmp_
 
 def test_targets_include_the_compiled_ones_at_four_workers():
     results = {
+        "setup": {"device": "cuda"},
         "latency": [dict(workers=4, vs_decode=1.1)],
         "throughput": [dict(workers=4, ratio=3.0)],
-        "compiled": [dict(workers=4, vs_static_decode_compiled=1.1)],
+        "compiled": [dict(workers=4, vs_static_decode_compiled=1.1, compiled_vs_eager=0.9)],
         "bandwidth": [dict(workers=4, hogwild_compiled_vs_bound=1.4)],
-        "attention": [dict(workers=2, compiled_vs_sdpa=1.1), dict(workers=4, compiled_vs_sdpa=None)],
+        "attention": [
+            dict(workers=2, static_compiled_vs_separate=1.1, read_vs_unique={"fast": 1.0}),
+            dict(workers=4, static_compiled_vs_separate=None, read_vs_unique={"fast": 1.05}),
+        ],
     }
     targets = bench._targets(results)
     assert targets["compiled_vs_static_decode_compiled_n4"] == dict(value=1.1, target="<= 1.15")
     assert targets["compiled_vs_bandwidth_bound_n4"] == dict(value=1.4, target="<= 1.5")
-    assert targets["attention_vs_sdpa_n2"] == dict(value=1.1, target="<= 1.2")
-    assert "attention_vs_sdpa_n4" not in targets  # not compiled: no figure against the target
+    assert targets["compiled_vs_eager_n4"] == dict(value=0.9, target="<= 1.0")
+    assert targets["static_compiled_vs_separate_n2"] == dict(value=1.1, target="<= 1.2")
+    assert "static_compiled_vs_separate_n4" not in targets  # not compiled: no figure against the target
+    assert targets["fast_bytes_read_vs_unique_n4"] == dict(value=1.05, target="<= 1.1")
+
+
+def test_attention_benchmark_compares_every_path_and_counts_bytes(tmp_path):
+    """`benchmarks.attention --quick`: each engine path exact against the reference, SDPA per block with
+    the log-sum-exp merge exact too, and each block read once (bytes read = unique bytes)."""
+    from benchmarks import attention
+
+    path = tmp_path / "attention.json"
+    results = attention.main(["--quick", "--threads", "1", "--no-compile", "--json", str(path)])
+    assert json.loads(path.read_text()) == results
+    assert [row["workers"] for row in results["rows"]] == [1, 2]
+    for row in results["rows"]:
+        assert row["fast_ms"] > 0 and row["sdpa_one_sequence_ms"] > 0 and row["sdpa_separate_ms"] > 0
+        assert set(row["max_error"]) >= {"fast", "static", "sdpa_blocks"}
+        assert max(row["max_error"].values()) < 1e-4
+        assert row["read_vs_unique"]["fast"] == row["read_vs_unique"]["sdpa_blocks"] == 1.0
+        assert row["bytes_read"]["fast"] == row["unique_bytes"]
+        assert row["separate_read_vs_unique"] > (1.5 if row["workers"] == 2 else 0.99)
+        assert "flex" in row["errors"] or "flex" in row["max_error"]  # measured, or why not
 
 
 def test_dispatch_counts_operators_per_step_and_layer(tiny_engines):
     engine = tiny_engines["llama"]
     ids = engine.encode("The river keeps a record of every storm. " * 4)
-    results = dispatch.measure(engine, ids, [2], compile=False)
-    (row,) = results["rows"]
+    results = dispatch.measure(engine, ids, [2, 4], compile=False)
+    two, four = results["rows"]
     assert results["paths"] == ["transformers_sdpa", "hogwild_fast", "hogwild_static"]
     for name in results["paths"]:
-        counted = row[name]
+        counted = two[name]
         assert counted["ops"] > 10 * results["layers"]  # every layer dispatches several operators
         assert counted["ops_per_layer"] == pytest.approx(counted["ops"] / results["layers"])
         assert counted["counted_by"] == "dispatch mode"
-    assert row["transformers_sdpa"]["vs_sdpa"] == 1.0
-    assert row["transformers_sdpa"]["by_name"]["scaled_dot_product_attention"] == results["layers"]
-    assert "scaled_dot_product_attention" not in row["hogwild_static"]["by_name"]
-    assert row["hogwild_static"]["by_name"]["softmax"] == results["layers"]  # one softmax per layer
+    assert two["transformers_sdpa"]["vs_sdpa"] == 1.0
+    assert two["transformers_sdpa"]["by_name"]["scaled_dot_product_attention"] == results["layers"]
+    static = two["hogwild_static"]["by_name"]
+    assert "scaled_dot_product_attention" not in static
+    assert static["scatter_reduce"] == results["layers"]  # one log-sum-exp merge per layer
+    for name in ("hogwild_fast", "hogwild_static"):  # blocks read once: no per-worker operators
+        assert four[name]["ops"] == two[name]["ops"], name
