@@ -765,7 +765,7 @@ def _check_standard_settings(settings: dict[str, Any]) -> None:
             "base_url is not supported by ChatHogwild: it runs the model in this process, so there is "
             "no server to point at (pass `model` for the weights, or base_url=None). To talk to a model "
             "over HTTP, serve it with `hogwild serve` and use an OpenAI-compatible client such as "
-            "langchain_openai.ChatOpenAI(base_url=\"http://127.0.0.1:8000/v1\", ...)."
+            'langchain_openai.ChatOpenAI(base_url="http://127.0.0.1:8000/v1", ...).'
         )
     settings.pop("base_url", None)
     if "model" in settings and "model_name" in settings:
