@@ -227,15 +227,32 @@ def _leaks(model: ChatHogwild) -> list[str]:
 
 def test_api_key_is_never_shown_or_serialised(monkeypatch, caplog) -> None:
     monkeypatch.setattr("langchain_hogwild._registry.HogwildEngine.from_pretrained", _refuse_loading)
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Trace(BaseCallbackHandler):
+        """Records everything a tracer is given (serialized model, invocation params, errors)."""
+
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+            self.seen.append(repr((serialized, messages, kwargs)))
+
+        def on_llm_error(self, error, **kwargs) -> None:
+            self.seen.append(repr((error, kwargs)))
+
+    traced = Trace()
     with caplog.at_level(logging.DEBUG):
         model = ChatHogwild(api_key=SECRET, model="org/some-model")
         assert _leaks(model) == []
         assert _leaks(model.model_copy()) == []
         with pytest.raises(AssertionError, match="a model was loaded") as failed_call:
-            model.invoke("hi")  # a call that fails (the model cannot load here)
+            model.invoke("hi", config={"callbacks": [traced]})  # a call that fails (no model can load)
         with pytest.raises(InvalidArgumentError) as unknown_option:
             model.invoke("hi", top_pp=1)
     assert model.api_key.get_secret_value() == SECRET  # kept, just never shown
+    assert len(traced.seen) == 2 and "org/some-model" in traced.seen[0]  # the trace did see the model
+    assert not any(SECRET in seen for seen in traced.seen)
     assert any("Loading an engine" in r.getMessage() for r in caplog.records)  # DEBUG logs were captured
     assert SECRET not in caplog.text
     assert SECRET not in "".join(str(record.__dict__) for record in caplog.records)
