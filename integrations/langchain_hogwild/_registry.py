@@ -7,6 +7,7 @@ are freed when the last reference to it goes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Any
@@ -18,6 +19,7 @@ Key = tuple[str | None, str | None, str | None, bool]
 _engines: dict[Key, HogwildEngine] = {}
 _users: dict[Key, dict[int, weakref.ref]] = {}
 _lock = threading.Lock()
+_log = logging.getLogger(__name__)
 
 
 def get_engine(
@@ -29,6 +31,7 @@ def get_engine(
     with _lock:
         engine = _engines.get(key)
         if engine is None:
+            _log.debug("Loading an engine: model=%r device=%r dtype=%r compile=%r", *key)
             engine = _engines[key] = HogwildEngine.from_pretrained(
                 model, device=device, dtype=dtype, compile=compile
             )

@@ -33,6 +33,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -138,8 +139,9 @@ class ChatHogwild(BaseChatModel):
     block) unloads the shared weights once no other open instance uses them.
     """
 
-    model: str | None = None
-    """Model path, id or .gguf file; None: the embedded SmolLM2-135M-Instruct."""
+    model: str | None = Field(default=None, validation_alias=AliasChoices("model", "model_name"))
+    """Model path, id or .gguf file; None: the embedded SmolLM2-135M-Instruct. Also accepted as
+    `model_name` (LangChain's other spelling); the `model_name` property gives the name in use."""
     n_workers: int = 2
     protocol: str | None = "collaborate"
     """A shipped protocol name, or None for raw workers (chat template only)."""
@@ -191,17 +193,25 @@ class ChatHogwild(BaseChatModel):
     max_retries: int = 0
     """LangChain's standard parameter, accepted for compatibility: a local run has no transient failures,
     so calls are never retried (an int >= 0)."""
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """LangChain's standard parameter, accepted so provider-agnostic code (`init_chat_model(...,
+    api_key=...)`, shared configs) runs unchanged. A local model needs no key: it is never used, and it is
+    kept as a SecretStr that is left out of repr, dumps, serialization, traces and error messages."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", populate_by_name=True)
     _closed: bool = PrivateAttr(default=False)
 
     def __init__(self, **settings: Any) -> None:
         """Settings are checked here, without loading any weights; a bad or unknown one raises an
-        InvalidArgumentError saying what to change."""
+        InvalidArgumentError saying what to change (never quoting `api_key`)."""
+        _check_standard_settings(settings)
         try:
             super().__init__(**settings)
+            return
         except ValidationError as error:
-            raise InvalidArgumentError(_describe(error, type(self))) from None
+            message = _describe(error, type(self))
+        # raised outside the handler: the ValidationError (which quotes inputs) is not its context either
+        raise InvalidArgumentError(message)
 
     # ---- checks of the settings (no weights are loaded) -------------------------------------------
     @field_validator("model", mode="before")
@@ -209,6 +219,15 @@ class ChatHogwild(BaseChatModel):
     def _check_model(cls, value: Any) -> Any:
         check_model_reference(value)
         return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _check_api_key(cls, value: Any) -> Any:
+        if value is None or isinstance(value, (str, SecretStr)):
+            return value
+        raise InvalidArgumentError(
+            f"api_key must be a string or None, got a {type(value).__name__} (ChatHogwild does not use it)"
+        )
 
     @field_validator("n_workers", mode="before")
     @classmethod
@@ -736,19 +755,58 @@ def _check_call_kwargs(kwargs: dict[str, Any]) -> None:
         )
 
 
+_SECRET_SETTINGS = ("api_key",)
+
+
+def _check_standard_settings(settings: dict[str, Any]) -> None:
+    """LangChain's provider-agnostic settings that cannot mean anything for a model run in-process."""
+    if settings.get("base_url") is not None:
+        raise InvalidArgumentError(
+            "base_url is not supported by ChatHogwild: it runs the model in this process, so there is "
+            "no server to point at (pass `model` for the weights, or base_url=None). To talk to a model "
+            "over HTTP, serve it with `hogwild serve` and use an OpenAI-compatible client such as "
+            'langchain_openai.ChatOpenAI(base_url="http://127.0.0.1:8000/v1", ...).'
+        )
+    settings.pop("base_url", None)
+    if "model" in settings and "model_name" in settings:
+        name = settings.pop("model_name")
+        if settings["model"] is None:
+            settings["model"] = name
+        elif name is not None and name != settings["model"]:
+            raise InvalidArgumentError(
+                f"model={settings['model']!r} and model_name={name!r} disagree; "
+                "model_name is another spelling of model, pass one of them."
+            )
+
+
+def _setting_names(model: type[BaseModel]) -> list[str]:
+    """Every name a setting may be given as: the fields and their aliases."""
+    names = []
+    for name, field in model.model_fields.items():
+        names.append(name)
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias or field.alias]
+        names.extend(choice for choice in choices if isinstance(choice, str) and choice not in names)
+    return names
+
+
 def _describe(error: ValidationError, model: type[BaseModel]) -> str:
-    """A pydantic ValidationError as one message per bad setting, each saying what to change."""
+    """A pydantic ValidationError as one message per bad setting, each saying what to change. A secret
+    setting's value is never quoted."""
     problems = []
     for item in error.errors():
         name = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(name, list(model.model_fields), n=1)
+            close = difflib.get_close_matches(name, _setting_names(model), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             problems.append(f"Unknown setting {name!r} for {model.__name__}{hint}")
         else:
             message = str(item["msg"]).removeprefix("Value error, ")
             known = not name or name in message  # our own messages name the setting and the value
-            problems.append(message if known else f"{name}: {message} (got {item.get('input')!r})")
+            if known or name in _SECRET_SETTINGS:
+                problems.append(message if known else f"{name}: {message}")
+            else:
+                problems.append(f"{name}: {message} (got {item.get('input')!r})")
     return " ".join(problems)
 
 

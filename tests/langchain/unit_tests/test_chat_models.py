@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 import pytest
@@ -24,15 +25,6 @@ class TestChatHogwildUnit(ChatModelUnitTests):
     @property
     def supports_json_mode(self) -> bool:
         return True
-
-    @property
-    def standard_chat_model_params(self) -> dict:
-        # The unit suite adds api_key="test" for hosted models. A local model has no key, and ChatHogwild
-        # refuses settings it does not use; the other standard parameters (temperature, max_tokens,
-        # timeout, stop, max_retries) are all accepted.
-        params = super().standard_chat_model_params
-        params.pop("api_key")
-        return params
 
 
 def test_construction_is_lazy_and_fields_override() -> None:
@@ -104,7 +96,12 @@ def test_a_schema_that_cannot_constrain_output_fails_when_bound() -> None:
             "Unknown setting 'max_new_tokens' for ChatHogwild; did you mean 'max_tokens'?",
         ),
         ({"model_kwargs": {"x": 1}}, "Unknown setting 'model_kwargs'"),
-        ({"api_key": "k"}, "Unknown setting 'api_key'"),
+        ({"top_pp": 0.9}, "Unknown setting 'top_pp' for ChatHogwild; did you mean 'top_p'?"),
+        ({"timeot": 5}, "did you mean 'timeout'?"),  # aliases are suggested too
+        ({"model_nme": "org/m"}, "did you mean 'model_name'?"),
+        ({"base_url": "http://127.0.0.1:8000/v1"}, "base_url is not supported by ChatHogwild"),
+        ({"model": "org/a", "model_name": "org/b"}, "model='org/a' and model_name='org/b' disagree"),
+        ({"api_key": 123}, "api_key must be a string or None"),
     ],
 )
 def test_bad_settings_are_refused_at_construction_without_loading(monkeypatch, settings, message) -> None:
@@ -121,6 +118,168 @@ def test_standard_settings_are_accepted() -> None:
     model = ChatHogwild(timeout=5, max_retries=2, streaming=True, temperature=0, max_tokens=100, stop=[])
     assert (model.timeout_s, model.max_retries, model.streaming) == (5.0, 2, True)
     assert ChatHogwild(n_workers=40, protocol=None).n_workers == 40
+
+
+SECRET = "sk-hogwild-secret-123"
+
+
+def test_every_standard_langchain_argument_is_accepted(monkeypatch) -> None:
+    """What provider-agnostic code passes to any chat model (init_chat_model, shared configs)."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.callbacks import StdOutCallbackHandler
+    from langchain_core.rate_limiters import InMemoryRateLimiter
+    from pydantic import SecretStr
+
+    monkeypatch.setattr("langchain_hogwild._registry.HogwildEngine.from_pretrained", _refuse_loading)
+    cache, limiter, handler = (
+        InMemoryCache(),
+        InMemoryRateLimiter(requests_per_second=10),
+        StdOutCallbackHandler(),
+    )
+    model = ChatHogwild(
+        model="org/some-model",
+        api_key=SECRET,
+        base_url=None,
+        timeout=7,
+        max_retries=3,
+        streaming=True,
+        temperature=0.2,
+        max_tokens=50,
+        stop=["END"],
+        rate_limiter=limiter,
+        cache=cache,
+        callbacks=[handler],
+        tags=["t"],
+        metadata={"k": "v"},
+        verbose=False,
+        disable_streaming="tool_calling",
+        output_version="v1",
+        name="hogwild-chat",
+    )
+    assert isinstance(model.api_key, SecretStr) and model.api_key.get_secret_value() == SECRET
+    assert (model.model, model.model_name, model.timeout_s, model.max_retries) == ("org/some-model",) * 2 + (
+        7.0,
+        3,
+    )
+    assert (model.rate_limiter, model.cache, model.callbacks) == (limiter, cache, [handler])
+    assert (model.tags, model.metadata["k"], model.name) == (["t"], "v", "hogwild-chat")
+    assert (model.streaming, model.disable_streaming, model.output_version) == (True, "tool_calling", "v1")
+    assert model.engine is None  # none of them loads anything
+    assert ChatHogwild(api_key=SecretStr(SECRET)).api_key.get_secret_value() == SECRET
+    assert ChatHogwild(api_key=None).api_key is None
+
+
+def test_model_name_is_another_spelling_of_model() -> None:
+    assert ChatHogwild(model_name="org/some-model") == ChatHogwild(model="org/some-model")
+    assert ChatHogwild(model_name="org/some-model").model == "org/some-model"
+    assert ChatHogwild(model_name="org/m").model_name == ChatHogwild(model="org/m").model_name == "org/m"
+    assert ChatHogwild(model="org/m", model_name="org/m").model == "org/m"
+    assert ChatHogwild(model=None, model_name="org/m").model == "org/m"
+    assert ChatHogwild(model_name=None).model_name == "SmolLM2-135M-Instruct"
+    assert ChatHogwild(model_name="org/m").model_dump()["model"] == "org/m"
+    with pytest.raises(InvalidArgumentError, match="does not exist"):  # checked like model
+        ChatHogwild(model_name="/no/such/model")
+
+
+def test_base_url_is_refused_with_a_pointer_to_hogwild_serve() -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        ChatHogwild(base_url="http://localhost:8000/v1", api_key=SECRET)
+    message = str(caught.value)
+    assert "in this process" in message and "hogwild serve" in message and "ChatOpenAI" in message
+    assert SECRET not in message
+    assert "base_url" not in ChatHogwild(base_url=None).model_dump()  # None says nothing: accepted
+
+
+def test_timeout_bounds_a_call_and_max_retries_is_accepted_unused(monkeypatch) -> None:
+    from langchain_core.messages import HumanMessage
+
+    monkeypatch.setattr(ChatHogwild, "get_engine", lambda self: None)
+    monkeypatch.setattr(ChatHogwild, "_chat_messages", lambda self, engine, messages, *_: ([], False))
+    model = ChatHogwild(timeout=0.5, max_retries=4)
+    spec = model._spec([HumanMessage("hi")], None, {})
+    assert spec.options["timeout_s"] == 0.5  # the run's wall-clock limit (finish_reason "timeout")
+    assert model._spec([HumanMessage("hi")], None, {"timeout_s": 2}).options["timeout_s"] == 2
+    assert "max_retries" not in spec.options
+
+
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+def _leaks(model: ChatHogwild) -> list[str]:
+    from langchain_core.load import dumps
+
+    views = {
+        "repr": repr(model),
+        "str": str(model),
+        "model_dump": str(model.model_dump()),
+        "model_dump_json": model.model_dump_json(),
+        "dumps": dumps(model),
+        "dumps_pretty": dumps(model, pretty=True),
+        "identifying_params": str(model._identifying_params),
+        "ls_params": str(model._get_ls_params()),
+        "invocation_params": str(model._get_invocation_params()),
+        "asdict": str(model.asdict()),
+        "llm_string": model._get_llm_string(),
+    }
+    return [where for where, text in views.items() if SECRET in text]
+
+
+def test_api_key_is_never_shown_or_serialised(monkeypatch, caplog) -> None:
+    monkeypatch.setattr("langchain_hogwild._registry.HogwildEngine.from_pretrained", _refuse_loading)
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Trace(BaseCallbackHandler):
+        """Records everything a tracer is given (serialized model, invocation params, errors)."""
+
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+            self.seen.append(repr((serialized, messages, kwargs)))
+
+        def on_llm_error(self, error, **kwargs) -> None:
+            self.seen.append(repr((error, kwargs)))
+
+    traced = Trace()
+    with caplog.at_level(logging.DEBUG):
+        model = ChatHogwild(api_key=SECRET, model="org/some-model")
+        assert _leaks(model) == []
+        assert _leaks(model.model_copy()) == []
+        with pytest.raises(AssertionError, match="a model was loaded") as failed_call:
+            model.invoke("hi", config={"callbacks": [traced]})  # a call that fails (no model can load)
+        with pytest.raises(InvalidArgumentError) as unknown_option:
+            model.invoke("hi", top_pp=1)
+    assert model.api_key.get_secret_value() == SECRET  # kept, just never shown
+    assert len(traced.seen) == 2 and "org/some-model" in traced.seen[0]  # the trace did see the model
+    assert not any(SECRET in seen for seen in traced.seen)
+    assert any("Loading an engine" in r.getMessage() for r in caplog.records)  # DEBUG logs were captured
+    assert SECRET not in caplog.text
+    assert SECRET not in "".join(str(record.__dict__) for record in caplog.records)
+    for caught in (failed_call, unknown_option):
+        assert SECRET not in str(caught.value) and SECRET not in repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"top_pp": 1}, "did you mean 'top_p'?"),
+        ({"n_workers": "two"}, "n_workers must be an integer"),
+        ({"layout": "spiral"}, "layout"),
+        ({"base_url": "http://x"}, "base_url"),
+        ({"model": "org/a", "model_name": "org/b"}, "disagree"),
+    ],
+)
+def test_a_bad_construction_never_quotes_the_api_key(settings, message) -> None:
+    for key in (SECRET, __import__("pydantic").SecretStr(SECRET)):
+        with pytest.raises(InvalidArgumentError, match=re.escape(message)) as caught:
+            ChatHogwild(api_key=key, **settings)
+        error = caught.value
+        chain = [error, error.__cause__, error.__context__]
+        assert not any(SECRET in str(e) or SECRET in repr(e) for e in chain if e is not None)
+    with pytest.raises(InvalidArgumentError) as caught:
+        ChatHogwild(api_key=[SECRET])  # a key of the wrong type is not quoted either
+    assert SECRET not in str(caught.value)
 
 
 @pytest.mark.parametrize("call", ["invoke", "stream", "batch", "ainvoke"])
