@@ -16,6 +16,7 @@ from hogwild_agents.cli import main
 from hogwild_agents.errors import EvalError
 from hogwild_agents.evaluation import ResultStore, write_report
 from hogwild_agents.evaluation.report import summarise
+from hogwild_agents.evaluation.stats import mcnemar_exact, paired_test, wilson
 from tests.eval_helpers import FakeEngine, tiny_eval
 
 # Runs in the page once it has loaded: each image's natural width, and whether each link's target
@@ -104,6 +105,7 @@ def test_points_summarise_each_configuration_and_budget(tmp_path):
     ]
     single3 = points[1]
     assert (single3.problems, single3.correct, single3.accuracy, single3.stderr) == (2, 2, 1.0, 0.0)
+    assert single3.interval[1] == 1.0 and single3.interval[0] < 1.0 and single3.score == 1.0
     assert single3.forward_passes == 5 and single3.tokens == 3
     vote2 = next(p for p in points if p.config.method == "vote" and p.budget == 2)
     assert vote2.accuracy == 0.0 and vote2.forward_passes == 4 and vote2.tokens == 4
@@ -146,3 +148,32 @@ def test_report_errors_are_clear(tmp_path):
     ResultStore(tmp_path / "empty.sqlite").close()
     with pytest.raises(SystemExit, match=r"hogwild eval-report: .*holds no eval results"):
         main(["eval-report", str(tmp_path / "empty.sqlite")])
+
+
+def test_wilson_intervals_have_width_at_zero_and_all():
+    low, high = wilson(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = wilson(10, 10)
+    assert high == pytest.approx(1.0) and low == pytest.approx(0.7225, abs=1e-3) and high > low
+    low, high = wilson(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-3) and high == pytest.approx(0.7634, abs=1e-3)
+
+
+def test_the_exact_mcnemar_test_on_known_tables():
+    # 1 vs 9 discordant pairs: 2 * (1 + 10) / 1024
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    a = {("p", 0): True, ("q", 0): True, ("r", 0): False, ("s", 0): True}
+    b = {("p", 0): False, ("q", 0): True, ("r", 0): True, ("t", 0): True}
+    test = paired_test("a", "b", 4, a, b)
+    assert (test.pairs, test.a_only, test.b_only, test.a_correct, test.b_correct) == (3, 1, 1, 2, 2)
+    assert test.p == 1.0 and not test.significant
+
+
+def test_the_report_states_which_differences_are_significant(tmp_path):
+    page = write_report([_database(tmp_path / "r.sqlite")], tmp_path / "out")
+    text = page.read_text(encoding="utf-8")
+    assert "Paired tests" in text and "Wilson 95%" in text
+    assert "No difference between configurations is significant" in text  # 2 problems: nothing can be

@@ -25,6 +25,7 @@ from urllib.parse import quote
 from hogwild_agents.errors import EvalError
 from hogwild_agents.evaluation.datasets import INSTALL_HINT, Problem
 from hogwild_agents.evaluation.grid import Config, RunSpec
+from hogwild_agents.evaluation.stats import Paired, paired_test, wilson
 from hogwild_agents.evaluation.store import ResultRow, ResultStore
 
 COLOURS = (
@@ -47,6 +48,8 @@ class Point:
     forward_passes: float  # mean per problem
     tokens: float  # mean generated tokens per problem
     wall_s: float  # mean per problem
+    score: float = 0.0  # mean score (partial credit of a generator's scorer included)
+    seeds: int = 1  # replicate seeds pooled into the point
 
     @property
     def accuracy(self) -> float:
@@ -56,6 +59,11 @@ class Point:
     def stderr(self) -> float:
         """The binomial standard error of the accuracy."""
         return math.sqrt(self.accuracy * (1 - self.accuracy) / self.problems)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The Wilson 95% interval of the accuracy."""
+        return wilson(self.correct, self.problems)
 
 
 @dataclass
@@ -97,9 +105,31 @@ def summarise(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[Poin
                     sum(r.forward_passes for r in group) / n,
                     sum(r.tokens for r in group) / n,
                     sum(r.wall_s for r in group) / n,
+                    sum(r.score for r in group) / n,
+                    len({_seed(r) for r in group}),
                 )
             )
     return points
+
+
+def _seed(row: ResultRow) -> int:
+    return getattr(row, "seed", 0)
+
+
+def paired_tests(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[Paired]:
+    """Exact McNemar tests between every two configurations at each budget they share, paired on
+    (problem, seed)."""
+    correct: dict[tuple[str, int], dict[tuple, bool]] = defaultdict(dict)
+    for row in rows:
+        correct[row.config, row.budget][row.problem, _seed(row)] = row.correct
+    tests = []
+    budgets = sorted({budget for _, budget in correct})
+    for budget in budgets:
+        names = [c.name for c in configs if (c.name, budget) in correct]
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                tests.append(paired_test(a, b, budget, correct[a, budget], correct[b, budget]))
+    return tests
 
 
 # ---- the picture ------------------------------------------------------------------------------
@@ -123,7 +153,11 @@ def plot_png(sources: Sequence[Source]) -> bytes:
         for name, points in by_config.items():
             label = points[0].config.label + (f" [{source.name}]" if len(sources) > 1 else "")
             accuracy = [100 * p.accuracy for p in points]
-            error = [100 * p.stderr for p in points]
+            error = [
+                [100 * (p.accuracy - p.interval[0]) for p in points],
+                [100 * (p.interval[1] - p.accuracy) for p in points],
+            ]
+            label += f" (n={points[-1].problems})"
             for axis, xs in (
                 (passes, [p.forward_passes for p in points]),
                 (wall, [p.wall_s for p in points]),
@@ -230,10 +264,12 @@ def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str]) -> str
 <h2>Accuracy against forward passes and wall time</h2>
 <img class="plot" alt="accuracy against forward passes and wall time" src="data:image/png;base64,{image}">
 <p class="meta">Forward passes: decode steps of a run (one forward each, the finisher's included, the
-prefill not); a vote counts its longest sample. Wall time: all of a row's runs. Error bars: one standard
-error. Each budget caps the tokens every worker writes; then the finisher asks for the answer.</p>
+prefill not); a vote counts its longest sample. Wall time: all of a row's runs. Error bars: Wilson 95%
+intervals over the n (problem, seed) rows of each point. Each budget caps the tokens every worker
+writes; then the finisher asks for the answer.</p>
 <h2>Accuracy per configuration and budget</h2>
 {summary}
+{"".join(_significance_table(s) for s in sources)}
 {"".join(sections)}
 </body></html>
 """
@@ -255,14 +291,52 @@ def _summary_table(source: Source) -> str:
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(p.config.label)}</td><td class=num>{p.budget}</td><td class=num>{p.problems}</td>"
-        f"<td class=num>{100 * p.accuracy:.1f}% &plusmn; {100 * p.stderr:.1f}</td>"
+        f"<td class=num>{100 * p.accuracy:.1f}%</td>"
+        f"<td class=num>{100 * p.interval[0]:.1f}&ndash;{100 * p.interval[1]:.1f}%</td>"
+        f"<td class=num>{p.score:.3f}</td><td class=num>{p.seeds}</td>"
         f"<td class=num>{p.forward_passes:.1f}</td><td class=num>{p.tokens:.1f}</td>"
         f"<td class=num>{p.wall_s:.2f}</td></tr>"
         for p in source.points()
     )
     return (
-        "<table><tr><th>configuration</th><th>budget</th><th>problems</th><th>accuracy</th>"
-        f"<th>forward passes</th><th>tokens</th><th>wall s</th></tr>{rows}</table>"
+        "<table><tr><th>configuration</th><th>budget</th><th>n</th><th>accuracy</th>"
+        "<th>Wilson 95%</th><th>mean score</th><th>seeds</th><th>forward passes</th><th>tokens</th>"
+        f"<th>wall s</th></tr>{rows}</table>"
+    )
+
+
+def _significance_table(source: Source) -> str:
+    """The paired tests of the source's configurations, significant differences (p < 0.05) first."""
+    esc = html.escape
+    labels = {c.name: c.label for c in source.configs}
+    tests = sorted(paired_tests(source.rows, source.configs), key=lambda t: (not t.significant, t.p))
+    if not tests:
+        return ""
+    significant = [t for t in tests if t.significant]
+    if significant:
+        said = "; ".join(
+            f"{esc(labels[t.a] if t.a_only > t.b_only else labels[t.b])} beats "
+            f"{esc(labels[t.b] if t.a_only > t.b_only else labels[t.a])} at budget {t.budget} (p = {t.p:.3g})"
+            for t in significant
+        )
+        verdict = f"<p>Significant differences (p &lt; 0.05): {said}.</p>"
+    else:
+        verdict = "<p>No difference between configurations is significant (p &lt; 0.05).</p>"
+    rows = "".join(
+        f"<tr{' class=better' if t.significant else ''}><td>{esc(labels[t.a])}</td>"
+        f"<td>{esc(labels[t.b])}</td>"
+        f"<td class=num>{t.budget}</td><td class=num>{t.pairs}</td><td class=num>{t.a_correct}</td>"
+        f"<td class=num>{t.b_correct}</td><td class=num>{t.a_only}</td><td class=num>{t.b_only}</td>"
+        f"<td class=num>{t.p:.3g}</td><td>{'yes' if t.significant else 'no'}</td></tr>"
+        for t in tests
+    )
+    heading = f"Paired tests ({esc(source.name)})"
+    return (
+        f"<h2>{heading}</h2><p class=meta>Exact McNemar tests on the (problem, seed) pairs both "
+        f"configurations have, at the same budget.</p>{verdict}"
+        "<table><tr><th>A</th><th>B</th><th>budget</th><th>pairs</th><th>A correct</th><th>B correct</th>"
+        "<th>only A</th><th>only B</th><th>p</th><th>p &lt; 0.05</th></tr>"
+        f"{rows}</table>"
     )
 
 
