@@ -12,7 +12,7 @@ from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.errors import HogwildError
 from hogwild_agents.evaluation.checkers import CHECKERS, DEFAULT_TOLERANCE, make_checker
 from hogwild_agents.evaluation.datasets import ANSWER_FIELDS, DEFAULT_GYM_SIZE, QUESTION_FIELDS, load_dataset
-from hogwild_agents.evaluation.grid import BASELINES, build_grid, parse_list
+from hogwild_agents.evaluation.grid import BASELINES, NO_PROTOCOL, build_grid, parse_list
 from hogwild_agents.evaluation.report import summarise, write_report
 from hogwild_agents.evaluation.runner import EvalSettings, run_eval
 from hogwild_agents.evaluation.store import ResultStore
@@ -61,7 +61,9 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         "each other only at step ends); comma-separated, or none (default: all)",
     )
     ev.add_argument(
-        "--baseline-protocol", default=None, help="protocol of the baselines (default: the first)"
+        "--baseline-protocol",
+        default=None,
+        help="protocol of the baselines (default: the first); none: the plain prompt, no collaboration text",
     )
     ev.add_argument(
         "--checker", choices=CHECKERS, default="auto", help="how answers are scored (default auto)"
@@ -75,7 +77,15 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--limit", type=int, default=None, help=f"problems, a seeded sample (gym default {DEFAULT_GYM_SIZE})"
     )
-    ev.add_argument("--seed", type=int, default=0, help="seed of the sample and of sampling (default 0)")
+    ev.add_argument(
+        "--sample-seed", type=int, default=0, help="seed of the problem sample (--limit) (default 0)"
+    )
+    ev.add_argument(
+        "--seeds",
+        default="0",
+        help="replicate seeds, comma-separated (default 0): each one a full pass over the grid; every "
+        "run's sampling seed is a hash of its replicate seed, configuration, vote sample and problem",
+    )
     ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
     ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
     ev.add_argument(
@@ -133,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
     dataset = load_dataset(
         args.dataset,
         limit=args.limit,
-        seed=args.seed,
+        seed=args.sample_seed,
         question_field=args.question_field,
         answer_field=args.answer_field,
     )
@@ -148,7 +158,10 @@ def _eval(args: argparse.Namespace) -> int:
     )
     settings = EvalSettings(
         budgets=tuple(parse_list(args.budgets, "budgets", int)),
-        seed=args.seed,
+        seeds=tuple(parse_list(args.seeds, "seeds", int)),
+        sample_seed=args.sample_seed,
+        dtype=args.dtype or "auto",
+        device=args.device or "auto",
         temperature=args.temperature,
         top_p=args.top_p,
         attention=args.attention,
@@ -157,13 +170,17 @@ def _eval(args: argparse.Namespace) -> int:
     )
     settings.check(configs)
     for name in {c.protocol for c in configs}:
-        Protocol(name)  # a bad protocol fails before the model loads
+        if name.lower() != NO_PROTOCOL:
+            Protocol(name)  # a bad protocol fails before the model loads
     out = Path(args.out)
     db = Path(args.db) if args.db else out / "results.sqlite"
-    engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
+    def load():  # called by run_eval once the database has accepted the settings
+        return HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
     with ResultStore(db) as store:
         rows = run_eval(
-            engine,
+            load,
             dataset,
             configs,
             settings,

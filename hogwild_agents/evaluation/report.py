@@ -93,8 +93,8 @@ def summarise(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[Poin
         groups[row.config, row.budget].append(row)
     points = []
     for config in configs:
-        for budget in sorted(b for name, b in groups if name == config.name):
-            group = groups[config.name, budget]
+        for budget in sorted(b for name, b in groups if name == config.key):
+            group = groups[config.key, budget]
             n = len(group)
             points.append(
                 Point(
@@ -113,7 +113,7 @@ def summarise(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[Poin
 
 
 def _seed(row: ResultRow) -> int:
-    return getattr(row, "seed", 0)
+    return row.seed
 
 
 def paired_tests(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[Paired]:
@@ -125,7 +125,7 @@ def paired_tests(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[P
     tests = []
     budgets = sorted({budget for _, budget in correct})
     for budget in budgets:
-        names = [c.name for c in configs if (c.name, budget) in correct]
+        names = [c.key for c in configs if (c.key, budget) in correct]
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
                 tests.append(paired_test(a, b, budget, correct[a, budget], correct[b, budget]))
@@ -149,7 +149,7 @@ def plot_png(sources: Sequence[Source]) -> bytes:
     for style, source in zip(LINE_STYLES, sources, strict=False):
         by_config: dict[str, list[Point]] = defaultdict(list)
         for point in source.points():
-            by_config[point.config.name].append(point)
+            by_config[point.config.key].append(point)
         for name, points in by_config.items():
             label = points[0].config.label + (f" [{source.name}]" if len(sources) > 1 else "")
             accuracy = [100 * p.accuracy for p in points]
@@ -193,7 +193,7 @@ def plot_png(sources: Sequence[Source]) -> bytes:
 
 
 def _colours(sources: Sequence[Source]) -> dict[str, str]:
-    names = dict.fromkeys(c.name for s in sources for c in s.configs)
+    names = dict.fromkeys(c.key for s in sources for c in s.configs)
     return {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(names)}
 
 
@@ -308,7 +308,7 @@ def _summary_table(source: Source) -> str:
 def _significance_table(source: Source) -> str:
     """The paired tests of the source's configurations, significant differences (p < 0.05) first."""
     esc = html.escape
-    labels = {c.name: c.label for c in source.configs}
+    labels = {c.key: c.label for c in source.configs}
     tests = sorted(paired_tests(source.rows, source.configs), key=lambda t: (not t.significant, t.p))
     if not tests:
         return ""
@@ -343,7 +343,7 @@ def _significance_table(source: Source) -> str:
 def _comparison_table(sources: Sequence[Source]) -> str:
     esc = html.escape
     a, b = ({(p.config.name, p.budget): p for p in s.points()} for s in sources)
-    labels = {c.name: c.label for s in sources for c in s.configs}
+    labels = {c.name: c.label for s in sources for c in s.configs}  # compared by name across databases
     keys = list(dict.fromkeys([*a, *b]))
     rows = []
     for key in keys:
@@ -379,23 +379,30 @@ def _problem_table(source: Source, out: Path, tag: str) -> str:
     """Each problem's answer per configuration and budget, linked to its runs' transcripts (written
     under out/transcripts)."""
     esc = html.escape
-    rows = {(r.problem, r.config, r.budget): r for r in source.rows}
+    rows = {(r.problem, r.config, r.budget, r.seed): r for r in source.rows}
+    seeds = sorted({r.seed for r in source.rows})
     columns = [
-        (c, b) for c in source.configs for b in sorted({r.budget for r in source.rows if r.config == c.name})
+        (c, b, seed)
+        for c in source.configs
+        for b in sorted({r.budget for r in source.rows if r.config == c.key})
+        for seed in seeds
     ]
-    header = "".join(f"<th>{esc(c.label)}<br>budget {b}</th>" for c, b in columns)
+    header = "".join(
+        f"<th>{esc(c.label)}<br>budget {b}{f' seed {seed}' if len(seeds) > 1 else ''}</th>"
+        for c, b, seed in columns
+    )
     lines = []
     for problem in source.problems:
         cells = []
-        for config, budget in columns:
-            row = rows.get((problem.id, config.name, budget))
+        for config, budget, seed in columns:
+            row = rows.get((problem.id, config.key, budget, seed))
             if row is None:
                 cells.append("<td></td>")
                 continue
             links = [
                 f'<a href="{_transcript(source, out, tag, problem.id, spec)}">'
-                f"{'transcript' if len(row.samples) == 1 else f's{spec.seed_offset + 1}'}</a>"
-                for spec in config.runs(budget)
+                f"{'transcript' if len(row.samples) == 1 else f's{spec.sample + 1}'}</a>"
+                for spec in config.runs(budget, seed)
             ]
             mark = '<span class="ok">&#10003;</span>' if row.correct else '<span class="bad">&#10007;</span>'
             answer = esc(_short(str(row.answer), 40)) if row.answer is not None else "<i>none</i>"
@@ -415,7 +422,10 @@ def _problem_table(source: Source, out: Path, tag: str) -> str:
 
 def _transcript(source: Source, out: Path, tag: str, problem: str, spec: RunSpec) -> str:
     """Write the run's transcript page and return its link, relative to the report."""
-    name = f"{spec.protocol}-{spec.n_workers}w-{spec.layout}-b{spec.budget}-s{spec.seed_offset}"
+    name = (
+        f"{spec.protocol}-{spec.protocol_hash[:8]}-{spec.n_workers}w-{spec.layout}-b{spec.budget}"
+        f"-r{spec.seed}-s{spec.sample}"
+    )
     parts = ["transcripts", *([tag] if tag else []), _slug(problem), _slug(name) + ".html"]
     path = out.joinpath(*parts)
     path.parent.mkdir(parents=True, exist_ok=True)
