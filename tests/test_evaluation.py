@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 
@@ -20,6 +22,7 @@ from hogwild_agents.evaluation import (
     build_grid,
     load_dataset,
     make_checker,
+    run_grid,
 )
 from hogwild_agents.evaluation.checkers import majority, normalise, parse_number
 from hogwild_agents.evaluation.datasets import Dataset, Problem
@@ -470,6 +473,10 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
     assert all(passes > 0 and tokens > 0 for _, _, tokens, passes in rows)
     assert any(answer is not None for _, answer, _, _ in rows)  # the finisher gets an answer out
     assert (out / "accuracy.png").stat().st_size > 10_000
+    with sqlite3.connect(out / "results.sqlite") as db:
+        page = zlib.decompress(db.execute("SELECT transcript FROM runs").fetchone()[0]).decode()
+    prompt = page.split("<h2>Prompt</h2>", 1)[1].split("</pre>", 1)[0]
+    assert "im_start" in prompt and "What is 3 + 4?" in prompt  # the full prompt, chat template included
     assert len(engine.calls) == 4
     assert main(argv) == 0
     assert len(engine.calls) == 4  # everything is stored: nothing runs again
@@ -477,3 +484,31 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
         main([*argv, "--temperature", "0.9"])  # refused before the model loads
     with pytest.raises(SystemExit, match="hogwild eval: Unknown protocol 'nope'"):
         main(["eval", data, "--protocols", "nope", "--out", str(out)])
+
+
+def test_run_grid_returns_one_row_per_problem_configuration_budget_and_seed(tmp_path, capsys):
+    dataset = Dataset("tiny", PROBLEMS)
+    configs = build_grid([1, 2], ["collaborate"], ["combined"])
+    settings = EvalSettings(budgets=(2, 3), seeds=(0, 5))
+    db = tmp_path / "r.sqlite"
+    frame = run_grid(FakeEngine(), dataset, configs, settings, db=db)
+    assert len(frame) == 2 * 4 * 2 * 2
+    keys = set(zip(frame.problem, frame.config, frame.budget, frame.seed, strict=True))
+    assert len(keys) == len(frame)
+    assert set(frame.seed) == {0, 5} and set(frame.budget) == {2, 3} and set(frame.problem) == {"a", "b"}
+    assert set(frame.method) == {"single", "hogwild", "msgpass", "vote"}
+    assert (frame.correct == (frame.reference == frame.answer)).all()
+    smaller = run_grid(FakeEngine(), dataset, configs[:1], EvalSettings(budgets=(2,), seeds=(5,)), db=db)
+    assert len(smaller) == 2 and set(smaller.seed) == {5}  # only the grid asked for
+    assert len(run_grid(FakeEngine(), dataset, configs[:1], EvalSettings(budgets=(2,)))) == 2  # in memory
+    csv_path = tmp_path / "rows.csv"
+    assert main(["eval-report", str(db), "--csv", str(csv_path)]) == 0
+    with open(csv_path, newline="") as file:
+        exported = list(csv.DictReader(file))
+    assert len(exported) == len(frame) and exported[0].keys() == set(frame.columns)
+    assert sorted(r["answer"] for r in exported) == sorted(frame.answer)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install pyarrow"):
+            main(["eval-report", str(db), "--parquet", str(tmp_path / "rows.parquet")])

@@ -12,6 +12,7 @@ from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.errors import HogwildError
 from hogwild_agents.evaluation.checkers import CHECKERS, DEFAULT_TOLERANCE, make_checker
 from hogwild_agents.evaluation.datasets import ANSWER_FIELDS, DEFAULT_GYM_SIZE, QUESTION_FIELDS, load_dataset
+from hogwild_agents.evaluation.frame import export
 from hogwild_agents.evaluation.grid import BASELINES, NO_PROTOCOL, build_grid, parse_list
 from hogwild_agents.evaluation.report import summarise, write_report
 from hogwild_agents.evaluation.runner import EvalSettings, run_eval
@@ -109,7 +110,22 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         "eval-report", help="write the report of an eval database, or compare two side by side"
     )
     report.add_argument("db", help="results database of `hogwild eval`")
-    report.add_argument("--compare", metavar="DB", default=None, help="a second database to compare with")
+    report.add_argument(
+        "--compare",
+        metavar="DB",
+        action="append",
+        default=[],
+        help="another database to compare with (repeatable)",
+    )
+    report.add_argument(
+        "--csv", metavar="FILE", default=None, help="write DB's per-problem rows as CSV instead of a report"
+    )
+    report.add_argument(
+        "--parquet",
+        metavar="FILE",
+        default=None,
+        help="write DB's per-problem rows as Parquet (needs pyarrow) instead of a report",
+    )
     report.add_argument(
         "--out",
         default=None,
@@ -129,7 +145,13 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def eval_report_command(args: argparse.Namespace) -> int:
     try:
-        databases = [args.db] + ([args.compare] if args.compare else [])
+        if args.csv or args.parquet:
+            export(args.db, args.csv, args.parquet)
+            for path in (args.csv, args.parquet):
+                if path:
+                    print(f"wrote {path}")
+            return 0
+        databases = [args.db, *args.compare]
         out = args.out or ("eval-compare" if args.compare else str(Path(args.db).parent))
         print(f"wrote {write_report(databases, out)}")
         return 0
