@@ -112,6 +112,11 @@ def test_points_summarise_each_configuration_and_budget(tmp_path):
     assert low <= single3.accuracy <= high and high - low > 0.3  # Wilson: never zero width
     assert single3.score == correct / 2 and single3.seeds == 1
     assert single3.forward_passes == 5 and single3.tokens == 3
+    if correct:
+        assert single3.per_correct(single3.tokens) == 3 * 2 / correct
+        assert single3.per_correct(single3.wall_s) == pytest.approx(sum(r.wall_s for r in rows) / correct)
+    else:
+        assert single3.per_correct(single3.tokens) == float("inf")
     vote2 = next(p for p in points if p.config.method == "vote" and p.budget == 2)
     assert vote2.forward_passes == 4 and vote2.tokens == 4
 

@@ -219,16 +219,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_summary(rows, configs) -> None:
-    table = Table("configuration", "budget", "problems", "accuracy", "forward passes", "tokens", "wall s")
+    table = Table(
+        "configuration", "budget", "n", "accuracy (Wilson 95%)", "score", "forward passes", "tokens",
+        "wall s", "tokens / correct",
+    )  # fmt: skip
     for p in summarise(rows, configs):
         table.add_row(
             p.config.label,
             str(p.budget),
             str(p.problems),
-            f"{100 * p.accuracy:.1f}%",
+            f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.0f}-{100 * p.interval[1]:.0f})",
+            f"{p.score:.3f}",
             f"{p.forward_passes:.1f}",
             f"{p.tokens:.1f}",
             f"{p.wall_s:.2f}",
+            f"{p.per_correct(p.tokens):.0f}",
         )
     console = Console()
     if not console.is_terminal:  # a file or a pipe: no need to fold the table into 80 columns

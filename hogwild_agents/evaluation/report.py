@@ -4,8 +4,10 @@ of their runs. Given two databases, it puts them side by side: both in one plot 
 and their accuracies in one table.
 
 Forward passes are the decode steps of a run (one forward each, the finisher's included, the prompt's
-prefill not); a vote counts its longest sample, since its samples run side by side. Wall time is the
-sum over a row's runs (one after another unless the engine shares forwards between runs).
+prefill not). A vote's samples run side by side in one batch, so a vote counts the forward passes and
+the wall time of its longest sample (its latency) and the tokens of all its samples (its cost). Wall
+time is measured per run, from its own start to its own end inside the batch. Costs per correct answer
+are a point's total tokens, forward passes and seconds over its correct rows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class Point:
     wall_s: float  # mean per problem
     score: float = 0.0  # mean score (partial credit of a generator's scorer included)
     seeds: int = 1  # replicate seeds pooled into the point
+
+    def per_correct(self, mean: float) -> float:
+        """A mean cost per row as the cost per correct answer (all rows' cost over the correct ones;
+        inf when none is correct)."""
+        return mean * self.problems / self.correct if self.correct else math.inf
 
     @property
     def accuracy(self) -> float:
@@ -264,7 +271,8 @@ def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str]) -> str
 <h2>Accuracy against forward passes and wall time</h2>
 <img class="plot" alt="accuracy against forward passes and wall time" src="data:image/png;base64,{image}">
 <p class="meta">Forward passes: decode steps of a run (one forward each, the finisher's included, the
-prefill not); a vote counts its longest sample. Wall time: all of a row's runs. Error bars: Wilson 95%
+prefill not); a vote counts its longest sample, for forward passes and wall time alike (its samples run
+side by side), and the tokens of all samples. Wall time: each run's own start to end. Error bars: Wilson 95%
 intervals over the n (problem, seed) rows of each point. Each budget caps the tokens every worker
 writes; then the finisher asks for the answer.</p>
 <h2>Accuracy per configuration and budget</h2>
@@ -295,13 +303,16 @@ def _summary_table(source: Source) -> str:
         f"<td class=num>{100 * p.interval[0]:.1f}&ndash;{100 * p.interval[1]:.1f}%</td>"
         f"<td class=num>{p.score:.3f}</td><td class=num>{p.seeds}</td>"
         f"<td class=num>{p.forward_passes:.1f}</td><td class=num>{p.tokens:.1f}</td>"
-        f"<td class=num>{p.wall_s:.2f}</td></tr>"
+        f"<td class=num>{p.wall_s:.2f}</td><td class=num>{p.per_correct(p.tokens):.0f}</td>"
+        f"<td class=num>{p.per_correct(p.forward_passes):.0f}</td>"
+        f"<td class=num>{p.per_correct(p.wall_s):.2f}</td></tr>"
         for p in source.points()
     )
     return (
         "<table><tr><th>configuration</th><th>budget</th><th>n</th><th>accuracy</th>"
         "<th>Wilson 95%</th><th>mean score</th><th>seeds</th><th>forward passes</th><th>tokens</th>"
-        f"<th>wall s</th></tr>{rows}</table>"
+        "<th>wall s</th><th>tokens per correct</th><th>forward passes per correct</th>"
+        f"<th>wall s per correct</th></tr>{rows}</table>"
     )
 
 
