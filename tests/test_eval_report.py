@@ -14,10 +14,18 @@ import pytest
 
 from hogwild_agents.cli import main
 from hogwild_agents.errors import EvalError
-from hogwild_agents.evaluation import ResultStore, write_report
-from hogwild_agents.evaluation.report import summarise
+from hogwild_agents.evaluation import (
+    EvalSettings,
+    ResultStore,
+    build_grid,
+    make_checker,
+    run_eval,
+    write_report,
+)
+from hogwild_agents.evaluation.datasets import Dataset
+from hogwild_agents.evaluation.report import line_style, summarise
 from hogwild_agents.evaluation.stats import mcnemar_exact, paired_test, wilson
-from tests.eval_helpers import FakeEngine, tiny_eval
+from tests.eval_helpers import PROBLEMS, FakeEngine, tiny_eval
 
 # Runs in the page once it has loaded: each image's natural width, and whether each link's target
 # loads and is a transcript (file:// reads need --allow-file-access-from-files).
@@ -187,3 +195,31 @@ def test_the_report_states_which_differences_are_significant(tmp_path):
     text = page.read_text(encoding="utf-8")
     assert "Paired tests" in text and "Wilson 95%" in text
     assert "No difference between configurations is significant" in text  # 2 problems: nothing can be
+
+
+def test_every_line_of_the_plot_has_its_own_style():
+    styles = [line_style(i) for i in range(140)]
+    assert len(set(styles)) == 140
+    assert len({colour for colour, _, _ in styles[:10]}) == 10
+
+
+def test_several_databases_are_compared_with_a_warning_when_the_datasets_differ(tmp_path, capsys):
+    first = _database(tmp_path / "first.sqlite")
+    second = _database(tmp_path / "second.sqlite", budgets=(3,))
+    with ResultStore(tmp_path / "third.sqlite") as store:  # another dataset
+        run_eval(
+            FakeEngine(), Dataset("other", PROBLEMS[:1]), build_grid([1], ["collaborate"], ["combined"]),
+            EvalSettings(budgets=(2,)), store, make_checker("auto", Dataset("other", PROBLEMS[:1])),
+            progress=False,
+        )  # fmt: skip
+    out = tmp_path / "three"
+    argv = ["eval-report", str(first), "--compare", str(second), "--compare", str(tmp_path / "third.sqlite")]
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the databases hold different datasets" in err and "'other'" in err
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert "Hogwild eval: first vs second vs third" in text and "Warning: the databases" in text
+    assert text.count("&Delta; accuracy (points)") == 2  # each against the first
+    assert {link.split("/")[1] for link in _links(out / "report.html")} == {"a", "b", "c"}
+    with pytest.warns(UserWarning, match="different datasets"):
+        write_report([first, tmp_path / "third.sqlite"], tmp_path / "two")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -153,7 +155,12 @@ def eval_report_command(args: argparse.Namespace) -> int:
             return 0
         databases = [args.db, *args.compare]
         out = args.out or ("eval-compare" if args.compare else str(Path(args.db).parent))
-        print(f"wrote {write_report(databases, out)}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            page = write_report(databases, out)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        print(f"wrote {page}")
         return 0
     except HogwildError as err:
         raise SystemExit(f"hogwild eval-report: {err}") from None

@@ -18,6 +18,7 @@ import io
 import math
 import re
 import textwrap
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ COLOURS = (
     "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#8c564b", "#7f7f7f",
     "#bcbd22",
 )  # fmt: skip
-LINE_STYLES = ("-", "--")
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+# colour, line style and marker cycle with co-prime periods (10, 4, 7): the first 140 lines all differ
 PLOT_NAME = "accuracy.png"
 PAGE_NAME = "report.html"
 
@@ -150,14 +153,17 @@ def plot_png(sources: Sequence[Source]) -> bytes:
         from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise EvalError(f"The eval report needs matplotlib; {INSTALL_HINT}.") from None
-    colours = _colours(sources)
     figure = Figure(figsize=(11, 5.2), dpi=100)
     passes, wall = figure.subplots(1, 2)
-    for style, source in zip(LINE_STYLES, sources, strict=False):
+    line = 0
+    budget_x: dict[int, list[float]] = defaultdict(list)
+    for source in sources:
         by_config: dict[str, list[Point]] = defaultdict(list)
         for point in source.points():
             by_config[point.config.key].append(point)
-        for name, points in by_config.items():
+        for points in by_config.values():
+            colour, style, marker = line_style(line)
+            line += 1
             label = points[0].config.label + (f" [{source.name}]" if len(sources) > 1 else "")
             accuracy = [100 * p.accuracy for p in points]
             error = [
@@ -170,11 +176,18 @@ def plot_png(sources: Sequence[Source]) -> bytes:
                 (wall, [p.wall_s for p in points]),
             ):
                 axis.errorbar(
-                    xs, accuracy, yerr=error, color=colours[name], linestyle=style, marker="o",
+                    xs, accuracy, yerr=error, color=colour, linestyle=style, marker=marker,
                     markersize=4, capsize=2, label=label if axis is passes else None,
                 )  # fmt: skip
-            for p, x, y in zip(points, [p.forward_passes for p in points], accuracy, strict=True):
-                passes.annotate(str(p.budget), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            for p in points:
+                budget_x[p.budget].append(p.forward_passes)
+    for budget, xs in sorted(budget_x.items()):  # each budget labelled once, above the plot
+        x = sorted(xs)[len(xs) // 2]
+        passes.axvline(x, color="#bbbbbb", linestyle=":", linewidth=0.8, zorder=0)
+        passes.annotate(
+            str(budget), (x, 1.0), xycoords=("data", "axes fraction"), textcoords="offset points",
+            xytext=(0, 2), ha="center", va="bottom", fontsize=7, color="#555555",
+        )  # fmt: skip
     for axis, what in (
         (passes, "forward passes per problem (mean)"),
         (wall, "wall time per problem (s, mean)"),
@@ -188,7 +201,7 @@ def plot_png(sources: Sequence[Source]) -> bytes:
             axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             axis.xaxis.set_minor_formatter(NullFormatter())
     first = sources[0].meta
-    title = f"{first.get('dataset', '')} \u00b7 {first.get('model', '')} (budgets next to the points)"
+    title = f"{first.get('dataset', '')} \u00b7 {first.get('model', '')} (budgets above the left plot)"
     figure.suptitle(textwrap.fill(title, 120), fontsize=10)
     handles, labels = passes.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
@@ -199,9 +212,24 @@ def plot_png(sources: Sequence[Source]) -> bytes:
     return buffer.getvalue()
 
 
-def _colours(sources: Sequence[Source]) -> dict[str, str]:
-    names = dict.fromkeys(c.key for s in sources for c in s.configs)
-    return {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(names)}
+def line_style(index: int) -> tuple[str, str, str]:
+    """The colour, line style and marker of the plot's `index`-th line (distinct for 140 lines)."""
+    return COLOURS[index % len(COLOURS)], LINE_STYLES[index % len(LINE_STYLES)], MARKERS[index % len(MARKERS)]
+
+
+def dataset_difference(sources: Sequence[Source]) -> str | None:
+    """A warning when compared databases hold other datasets or other problems, else None."""
+    first = sources[0]
+    ids = [p.id for p in first.problems]
+    for other in sources[1:]:
+        if other.meta.get("dataset") != first.meta.get("dataset"):
+            return (
+                f"the databases hold different datasets ({first.name}: {first.meta.get('dataset')!r}, "
+                f"{other.name}: {other.meta.get('dataset')!r}); their accuracies are not comparable"
+            )
+        if [p.id for p in other.problems] != ids:
+            return f"{first.name} and {other.name} hold different problems of {first.meta.get('dataset')!r}"
+    return None
 
 
 # ---- the page ---------------------------------------------------------------------------------
@@ -222,29 +250,38 @@ img.plot { max-width: 100%; border: 1px solid #ddd; }
 def write_report(
     databases: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None
 ) -> Path:
-    """Write `report.html`, `accuracy.png` and the transcripts of one database (or two, compared)
-    into `out_dir`; returns the page's path."""
-    if not 1 <= len(databases) <= 2:
-        raise EvalError("A report takes one results database, or two to compare.")
+    """Write `report.html`, `accuracy.png` and the transcripts of one database (or several, compared)
+    into `out_dir`; returns the page's path. Databases of different datasets or problems are compared
+    with a warning (`warnings.warn`, and on the page)."""
+    if not databases:
+        raise EvalError("A report takes one results database, or several to compare.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = [Source.read(db, name) for db, name in zip(databases, names or _names(databases), strict=True)]
     try:
         if not any(s.rows for s in sources):
             raise EvalError(f"{databases[0]} has no result rows yet; run the eval first.")
+        difference = dataset_difference(sources) if len(sources) > 1 else None
+        if difference:
+            warnings.warn(difference, stacklevel=2)
         png = plot_png(sources)
         (out / PLOT_NAME).write_bytes(png)
         sections = [
             _problem_table(s, out, tag if len(sources) > 1 else "")
-            for s, tag in zip(sources, "ab", strict=False)
+            for s, tag in zip(sources, _tags(len(sources)), strict=True)
         ]
-        page = _page(sources, png, sections)
+        page = _page(sources, png, sections, difference)
     finally:
         for source in sources:
             source.store.close()
     path = out / PAGE_NAME
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _tags(n: int) -> list[str]:
+    """The transcripts' folder per database: a, b, ... (db1, db2, ... beyond 26)."""
+    return list("abcdefghijklmnopqrstuvwxyz"[:n]) if n <= 26 else [f"db{i + 1}" for i in range(n)]
 
 
 def _names(databases: Sequence[str | Path]) -> list[str]:
@@ -254,10 +291,10 @@ def _names(databases: Sequence[str | Path]) -> list[str]:
         names = [naming(p) for p in paths]
         if len(set(names)) == len(names):
             return names
-    return ["A", "B"][: len(paths)]
+    return [f"{i + 1}:{p.stem}" for i, p in enumerate(paths)]
 
 
-def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str]) -> str:
+def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str], difference: str | None) -> str:
     esc = html.escape
     compare = len(sources) > 1
     title = "Hogwild eval: " + " vs ".join(esc(s.name) for s in sources)
@@ -267,6 +304,7 @@ def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str]) -> str
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{title}</h1>
+{f'<p class="bad">Warning: {esc(difference)}.</p>' if difference else ""}
 {_settings_table(sources)}
 <h2>Accuracy against forward passes and wall time</h2>
 <img class="plot" alt="accuracy against forward passes and wall time" src="data:image/png;base64,{image}">
@@ -352,37 +390,41 @@ def _significance_table(source: Source) -> str:
 
 
 def _comparison_table(sources: Sequence[Source]) -> str:
+    """Every database's accuracy per configuration (matched by name) and budget, with the change of
+    each one against the first."""
     esc = html.escape
-    a, b = ({(p.config.name, p.budget): p for p in s.points()} for s in sources)
+    tables = [{(p.config.name, p.budget): p for p in s.points()} for s in sources]
     labels = {c.name: c.label for s in sources for c in s.configs}  # compared by name across databases
-    keys = list(dict.fromkeys([*a, *b]))
+    keys = list(dict.fromkeys(key for table in tables for key in table))
     rows = []
     for key in keys:
-        pa, pb = a.get(key), b.get(key)
+        first = tables[0].get(key)
         cells = []
-        for p in (pa, pb):
+        for i, table in enumerate(tables):
+            p = table.get(key)
             cells.append(
                 "<td class=num>-</td>" * 3
                 if p is None
                 else f"<td class=num>{100 * p.accuracy:.1f}%</td><td class=num>{p.problems}</td>"
                 f"<td class=num>{p.forward_passes:.1f}</td>"
             )
-        delta, css = "-", ""
-        if pa is not None and pb is not None:
-            change = 100 * (pb.accuracy - pa.accuracy)
-            delta = f"{change:+.1f}"
-            css = " better" if change > 0 else " worse" if change < 0 else ""
-        rows.append(
-            f"<tr><td>{esc(labels[key[0]])}</td><td class=num>{key[1]}</td>{''.join(cells)}"
-            f'<td class="num{css}">{delta}</td></tr>'
-        )
-    name_a, name_b = (esc(s.name) for s in sources)
+            if i:
+                delta, css = "-", ""
+                if p is not None and first is not None:
+                    change = 100 * (p.accuracy - first.accuracy)
+                    delta = f"{change:+.1f}"
+                    css = " better" if change > 0 else " worse" if change < 0 else ""
+                cells.append(f'<td class="num{css}">{delta}</td>')
+        rows.append(f"<tr><td>{esc(labels[key[0]])}</td><td class=num>{key[1]}</td>{''.join(cells)}</tr>")
+    heads = "".join(f"<th colspan={3 if i == 0 else 4}>{esc(s.name)}</th>" for i, s in enumerate(sources))
+    sub = "".join(
+        "<th>accuracy</th><th>problems</th><th>forward passes</th>"
+        + ("" if i == 0 else "<th>&Delta; accuracy (points)</th>")
+        for i in range(len(sources))
+    )
     return (
         "<table><tr><th rowspan=2>configuration</th><th rowspan=2>budget</th>"
-        f"<th colspan=3>{name_a}</th><th colspan=3>{name_b}</th>"
-        "<th rowspan=2>&Delta; accuracy (points)</th></tr>"
-        "<tr>" + "<th>accuracy</th><th>problems</th><th>forward passes</th>" * 2 + "</tr>"
-        f"{''.join(rows)}</table>"
+        f"{heads}</tr><tr>{sub}</tr>{''.join(rows)}</table>"
     )
 
 
