@@ -14,14 +14,14 @@ RUN_OPTIONS = ("n_workers", "layout", "max_new_tokens", "seed")
 
 
 class CountingEngine:
-    """An engine that records every run it is asked for. With `many` it has `generate_many`; without,
-    it hides the wrapped engine's, so that runs go one at a time through `generate`."""
+    """An engine that records every run it is asked for. With `many` it has `submit` (the wrapped
+    engine's: runs queued together, sharing forwards); without, runs go one at a time through
+    `generate`."""
 
     def __init__(self, engine, many: bool = False) -> None:
         self.engine = engine
         self.calls: list[tuple] = []
-        self.batches: list[int] = []
-        self.generate_many = self._generate_many if many else None
+        self.submit = self._submit if many else None
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -30,19 +30,14 @@ class CountingEngine:
         self.calls.append((prompt[0]["content"], *(options.get(k) for k in RUN_OPTIONS)))
         return self.engine.generate(prompt, **options)
 
-    def _generate_many(self, prompts, **options):
-        """The wrapped engine's `generate_many` when it has one (runs sharing forwards), else a loop."""
-        self.batches.append(len(prompts))
-        many = getattr(self.engine, "generate_many", None)
-        if many is None:
-            return [self.generate(p, **options) for p in prompts]
-        self.calls.extend((p[0]["content"], *(options.get(k) for k in RUN_OPTIONS)) for p in prompts)
-        return many(prompts, **options)
+    def _submit(self, prompt, **options):
+        self.calls.append((prompt[0]["content"], *(options.get(k) for k in RUN_OPTIONS)))
+        return self.engine.submit(prompt, **options)
 
 
 class FakeEngine:
     """Answers at once, without a model: right when `seed + n_workers + budget` is even, else wrong;
-    every worker writes its whole budget and the run takes budget + 2 steps."""
+    every worker writes its whole budget (naming the seed) and the run takes budget + 2 steps."""
 
     model = SimpleNamespace(name_or_path="fake-model")
 
@@ -50,7 +45,7 @@ class FakeEngine:
         gold = GOLD[prompt[0]["content"]]
         answer = gold if (seed + n_workers + max_new_tokens) % 2 == 0 else gold + "1"
         names = ["Alice", "Bob", "Carol", "Dave"][:n_workers]
-        text = f"Thinking... \\boxed{{{answer}}}"
+        text = f"Thinking (seed {seed})... \\boxed{{{answer}}}"
         return HogwildResult(
             final_text=answer,
             answer=answer,
@@ -63,10 +58,28 @@ class FakeEngine:
         )
 
 
-def tiny_eval(engine, store: ResultStore, *, budgets=(2, 3), on_row=None, temperature=0.6, batch_size=8):
-    """Both problems x (1 worker, Hogwild x2, message passing x2, vote of 2) x `budgets`."""
+def right(run_seed: int, n_workers: int, budget: int) -> bool:
+    """Whether FakeEngine answers right."""
+    return (run_seed + n_workers + budget) % 2 == 0
+
+
+def tiny_eval(
+    engine,
+    store: ResultStore,
+    *,
+    budgets=(2, 3),
+    on_row=None,
+    temperature=0.6,
+    batch_size=8,
+    seeds=(0,),
+    protocols=("collaborate",),
+    model=None,
+):
+    """Both problems x (1 worker, Hogwild x2, message passing x2, vote of 2) x `budgets` x `seeds`."""
     dataset = Dataset("tiny", PROBLEMS)
-    configs = build_grid([1, 2], ["collaborate"], ["combined"])
-    settings = EvalSettings(budgets=budgets, temperature=temperature, batch_size=batch_size)
+    configs = build_grid([1, 2], list(protocols), ["combined"])
+    settings = EvalSettings(budgets=budgets, temperature=temperature, batch_size=batch_size, seeds=seeds)
     checker = make_checker("auto", dataset)
-    return run_eval(engine, dataset, configs, settings, store, checker, progress=False, on_row=on_row)
+    return run_eval(
+        engine, dataset, configs, settings, store, checker, progress=False, on_row=on_row, model=model
+    )

@@ -14,9 +14,18 @@ import pytest
 
 from hogwild_agents.cli import main
 from hogwild_agents.errors import EvalError
-from hogwild_agents.evaluation import ResultStore, write_report
-from hogwild_agents.evaluation.report import summarise
-from tests.eval_helpers import FakeEngine, tiny_eval
+from hogwild_agents.evaluation import (
+    EvalSettings,
+    ResultStore,
+    build_grid,
+    make_checker,
+    run_eval,
+    write_report,
+)
+from hogwild_agents.evaluation.datasets import Dataset
+from hogwild_agents.evaluation.report import line_style, summarise
+from hogwild_agents.evaluation.stats import mcnemar_exact, paired_test, wilson
+from tests.eval_helpers import PROBLEMS, FakeEngine, tiny_eval
 
 # Runs in the page once it has loaded: each image's natural width, and whether each link's target
 # loads and is a transcript (file:// reads need --allow-file-access-from-files).
@@ -103,10 +112,21 @@ def test_points_summarise_each_configuration_and_budget(tmp_path):
         ("hogwild-combined-x2/collaborate", 2),
     ]
     single3 = points[1]
-    assert (single3.problems, single3.correct, single3.accuracy, single3.stderr) == (2, 2, 1.0, 0.0)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        rows = [r for r in store.results() if r.config.startswith("single/") and r.budget == 3]
+    correct = sum(r.correct for r in rows)
+    assert (single3.problems, single3.correct, single3.accuracy) == (2, correct, correct / 2)
+    low, high = single3.interval
+    assert low <= single3.accuracy <= high and high - low > 0.3  # Wilson: never zero width
+    assert single3.score == correct / 2 and single3.seeds == 1
     assert single3.forward_passes == 5 and single3.tokens == 3
+    if correct:
+        assert single3.per_correct(single3.tokens) == 3 * 2 / correct
+        assert single3.per_correct(single3.wall_s) == pytest.approx(sum(r.wall_s for r in rows) / correct)
+    else:
+        assert single3.per_correct(single3.tokens) == float("inf")
     vote2 = next(p for p in points if p.config.method == "vote" and p.budget == 2)
-    assert vote2.accuracy == 0.0 and vote2.forward_passes == 4 and vote2.tokens == 4
+    assert vote2.forward_passes == 4 and vote2.tokens == 4
 
 
 def test_the_report_renders_in_headless_chromium(tmp_path):
@@ -146,3 +166,60 @@ def test_report_errors_are_clear(tmp_path):
     ResultStore(tmp_path / "empty.sqlite").close()
     with pytest.raises(SystemExit, match=r"hogwild eval-report: .*holds no eval results"):
         main(["eval-report", str(tmp_path / "empty.sqlite")])
+
+
+def test_wilson_intervals_have_width_at_zero_and_all():
+    low, high = wilson(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = wilson(10, 10)
+    assert high == pytest.approx(1.0) and low == pytest.approx(0.7225, abs=1e-3) and high > low
+    low, high = wilson(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-3) and high == pytest.approx(0.7634, abs=1e-3)
+
+
+def test_the_exact_mcnemar_test_on_known_tables():
+    # 1 vs 9 discordant pairs: 2 * (1 + 10) / 1024
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    a = {("p", 0): True, ("q", 0): True, ("r", 0): False, ("s", 0): True}
+    b = {("p", 0): False, ("q", 0): True, ("r", 0): True, ("t", 0): True}
+    test = paired_test("a", "b", 4, a, b)
+    assert (test.pairs, test.a_only, test.b_only, test.a_correct, test.b_correct) == (3, 1, 1, 2, 2)
+    assert test.p == 1.0 and not test.significant
+
+
+def test_the_report_states_which_differences_are_significant(tmp_path):
+    page = write_report([_database(tmp_path / "r.sqlite")], tmp_path / "out")
+    text = page.read_text(encoding="utf-8")
+    assert "Paired tests" in text and "Wilson 95%" in text
+    assert "No difference between configurations is significant" in text  # 2 problems: nothing can be
+
+
+def test_every_line_of_the_plot_has_its_own_style():
+    styles = [line_style(i) for i in range(140)]
+    assert len(set(styles)) == 140
+    assert len({colour for colour, _, _ in styles[:10]}) == 10
+
+
+def test_several_databases_are_compared_with_a_warning_when_the_datasets_differ(tmp_path, capsys):
+    first = _database(tmp_path / "first.sqlite")
+    second = _database(tmp_path / "second.sqlite", budgets=(3,))
+    with ResultStore(tmp_path / "third.sqlite") as store:  # another dataset
+        run_eval(
+            FakeEngine(), Dataset("other", PROBLEMS[:1]), build_grid([1], ["collaborate"], ["combined"]),
+            EvalSettings(budgets=(2,)), store, make_checker("auto", Dataset("other", PROBLEMS[:1])),
+            progress=False,
+        )  # fmt: skip
+    out = tmp_path / "three"
+    argv = ["eval-report", str(first), "--compare", str(second), "--compare", str(tmp_path / "third.sqlite")]
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the databases hold different datasets" in err and "'other'" in err
+    text = (out / "report.html").read_text(encoding="utf-8")
+    assert "Hogwild eval: first vs second vs third" in text and "Warning: the databases" in text
+    assert text.count("&Delta; accuracy (points)") == 2  # each against the first
+    assert {link.split("/")[1] for link in _links(out / "report.html")} == {"a", "b", "c"}
+    with pytest.warns(UserWarning, match="different datasets"):
+        write_report([first, tmp_path / "third.sqlite"], tmp_path / "two")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 
@@ -20,11 +22,13 @@ from hogwild_agents.evaluation import (
     build_grid,
     load_dataset,
     make_checker,
+    run_grid,
 )
 from hogwild_agents.evaluation.checkers import majority, normalise, parse_number
 from hogwild_agents.evaluation.datasets import Dataset, Problem
-from hogwild_agents.evaluation.runner import generate_many
-from tests.eval_helpers import PROBLEMS, CountingEngine, FakeEngine, tiny_eval
+from hogwild_agents.evaluation.runner import protocol_fingerprint, run_batch
+from hogwild_agents.protocol import Protocol
+from tests.eval_helpers import PROBLEMS, CountingEngine, FakeEngine, right, tiny_eval
 
 # ---- checkers ---------------------------------------------------------------------------------
 
@@ -247,6 +251,7 @@ def test_runs_are_shared_between_configurations():
     single, vote2, vote4 = Config("single", 1, "p"), Config("vote", 2, "p"), Config("vote", 4, "p")
     assert single.runs(8) == vote2.runs(8)[:1] and vote2.runs(8) == vote4.runs(8)[:2]
     assert len({*vote4.runs(8), *vote4.runs(16)}) == 8
+    assert not set(vote4.runs(8, seed=0)) & set(vote4.runs(8, seed=1))
     assert Config("msgpass", 2, "p", "interleaved").runs(8)[0].layout == "interleaved"
 
 
@@ -266,19 +271,27 @@ def test_bad_grids_are_refused():
 # ---- the runner -------------------------------------------------------------------------------
 
 
-def test_generate_many_runs_many_problems_per_call_and_falls_back_to_generate():
-    engine = CountingEngine(FakeEngine(), many=True)
-    timed = generate_many(
-        engine, [[{"role": "user", "content": p.question}] for p in PROBLEMS], max_new_tokens=2
-    )
-    assert engine.batches == [2] and len(timed) == 2 and all(wall > 0 for _, wall in timed)
+def test_run_batch_submits_every_job_at_once_and_falls_back_to_generate(smol_engine):
+    engine = CountingEngine(smol_engine, many=True)
+    jobs = [
+        ([{"role": "user", "content": p.question}], {"max_new_tokens": 2, "n_workers": 1}) for p in PROBLEMS
+    ]
+    timed = run_batch(engine, jobs)
+    assert len(engine.calls) == 2 and len(timed) == 2 and all(wall > 0 for _, wall in timed)
     plain = CountingEngine(FakeEngine())
-    results = generate_many(plain, [[{"role": "user", "content": "What is 3 + 4?"}]] * 3, max_new_tokens=2)
+    results = run_batch(plain, [([{"role": "user", "content": "What is 3 + 4?"}], {"max_new_tokens": 2})] * 3)
     assert len(plain.calls) == 3 and len(results) == 3
 
 
+def _runs(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT problem, n_workers, layout, budget, seed, sample, run_seed, transcript FROM runs"
+        ).fetchall()
+
+
 def test_an_eval_stores_one_row_per_problem_configuration_and_budget(tmp_path):
-    engine = CountingEngine(FakeEngine(), many=True)
+    engine = CountingEngine(FakeEngine())
     with ResultStore(tmp_path / "r.sqlite") as store:
         rows = tiny_eval(engine, store)
         configs = store.configs()
@@ -291,20 +304,112 @@ def test_an_eval_stores_one_row_per_problem_configuration_and_budget(tmp_path):
     assert len(rows) == 2 * 4 * 2
     # runs shared: single = the vote's first sample, so 4 runs per problem and budget, not 5
     assert len(engine.calls) == len(set(engine.calls)) == 2 * 4 * 2
-    assert set(engine.batches) == {2}  # both problems of a chunk in one engine call
-    by_key = {(r.problem, r.config, r.budget): r for r in rows}
-    # FakeEngine is right when seed + workers + budget is even
-    single = by_key["a", "single/collaborate", 3]
-    assert (single.answer, single.correct, single.samples) == ("7", True, ("7",))
-    assert not by_key["a", "single/collaborate", 2].correct
+    seeds = {
+        (p, n, layout, b, sample): run_seed
+        for p, n, layout, b, _, sample, run_seed, _ in _runs(tmp_path / "r.sqlite")
+    }
+    assert len(set(seeds.values())) == len(seeds)  # every run its own stream
+    name = {c.key: c.name for c in configs}
+    by_key = {(r.problem, name[r.config], r.budget): r for r in rows}
+    gold = {"a": "7", "b": "10"}
+    for (problem, config, budget), row in by_key.items():
+        if config.startswith("single"):
+            ok = right(seeds[problem, 1, "combined", budget, 0], 1, budget)
+            assert row.samples == ((gold[problem] if ok else gold[problem] + "1"),) and row.correct == ok
     vote = by_key["a", "vote-x2/collaborate", 3]
-    assert vote.samples == ("7", "71") and vote.answer == "7" and vote.correct  # a tie: the first
-    assert by_key["a", "vote-x2/collaborate", 2].samples == ("71", "7")
+    samples = tuple("7" if right(seeds["a", 1, "combined", 3, k], 1, 3) else "71" for k in range(2))
+    assert (
+        vote.samples == samples and vote.answer == samples[0] and vote.correct == (samples[0] == "7")
+    )  # a tie: the first
+    assert by_key["a", "single/collaborate", 3].samples == samples[:1]
+    # a vote: the tokens of both samples, the forward passes and the wall time of the longest
     assert (vote.tokens, vote.forward_passes, vote.forward_tokens) == (6, 5, 26)
+    single = by_key["a", "single/collaborate", 3]
     assert vote.wall_s >= single.wall_s > 0
     hogwild = by_key["b", "hogwild-combined-x2/collaborate", 2]
-    assert (hogwild.answer, hogwild.correct, hogwild.tokens, hogwild.forward_passes) == ("10", True, 4, 4)
+    assert (hogwild.tokens, hogwild.forward_passes) == (4, 4)
+    assert hogwild.correct == right(seeds["b", 2, "combined", 2, 0], 2, 2)
     assert all(row.correct == (row.score == 1.0) and row.finish_reason == "length" for row in rows)
+
+
+def test_replicate_seeds_share_no_sampled_run(tmp_path):
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        rows = tiny_eval(FakeEngine(), store, seeds=(1, 2))
+    assert len(rows) == 2 * 4 * 2 * 2 and {r.seed for r in rows} == {1, 2}
+    runs = _runs(tmp_path / "r.sqlite")
+    by_seed = {seed: [r for r in runs if r[4] == seed] for seed in (1, 2)}
+    assert len(by_seed[1]) == len(by_seed[2]) == 16
+    assert not {r[6] for r in by_seed[1]} & {r[6] for r in by_seed[2]}  # derived seeds
+    assert not {r[7] for r in by_seed[1]} & {r[7] for r in by_seed[2]}  # transcripts
+    # --seeds 2 alone makes the runs --seeds 1,2 made for seed 2, none of seed 1's
+    with ResultStore(tmp_path / "two.sqlite") as store:
+        tiny_eval(FakeEngine(), store, seeds=(2,))
+    assert {r[6] for r in _runs(tmp_path / "two.sqlite")} == {r[6] for r in by_seed[2]}
+
+
+def test_an_edited_template_is_computed_again(tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text('{% extends "collaborate" %}')
+    engine = CountingEngine(FakeEngine())
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        first = tiny_eval(engine, store, budgets=(2,), protocols=(str(template),))
+        calls = len(engine.calls)
+        assert (
+            tiny_eval(engine, store, budgets=(2,), protocols=(str(template),)) and len(engine.calls) == calls
+        )
+        template.write_text('{% extends "collaborate" %}{% block system %}Be brief.{% endblock %}')
+        second = tiny_eval(engine, store, budgets=(2,), protocols=(str(template),))
+        current = {c.key for c in store.configs()}
+    assert len(engine.calls) == 2 * calls  # everything ran again
+    assert {r.config for r in first}.isdisjoint(current)  # the old rows are not the current ones
+    assert len([r for r in second if r.config in current]) == len(first)
+    # keyed by the text, not the path
+    copy = tmp_path / "copy" / "mine.jinja"
+    copy.parent.mkdir()
+    copy.write_text(template.read_text())
+    assert protocol_fingerprint(Protocol(str(copy))) == protocol_fingerprint(Protocol(str(template)))
+    assert protocol_fingerprint(Protocol(str(copy))) != protocol_fingerprint(Protocol("collaborate"))
+
+
+def test_a_protocol_object_and_no_protocol_run(tmp_path):
+    protocol = Protocol("collaborate", interjection_period=64)
+    dataset = Dataset("tiny", PROBLEMS)
+    configs = build_grid([1, 2], [protocol], ["combined"], ["single", "vote"], baseline_protocol="none")
+    assert [c.method for c in configs] == ["single", "hogwild", "vote"]
+    engine = CountingEngine(FakeEngine())
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        rows = run_eval_quiet(engine, dataset, configs, store)
+        names = [c.name for c in store.configs()]
+    assert names == ["single/none", "hogwild-combined-x2/collaborate", "vote-x2/none"]
+    assert len(rows) == 2 * 3 and all(r.answer is not None for r in rows)  # \\boxed read from plain text
+
+
+def run_eval_quiet(engine, dataset, configs, store, **settings):
+    from hogwild_agents.evaluation import run_eval
+
+    options = {"budgets": (2,), **settings}
+    return run_eval(
+        engine,
+        dataset,
+        configs,
+        EvalSettings(**options),
+        store,
+        make_checker("auto", dataset),
+        progress=False,
+    )
+
+
+def test_resuming_with_other_settings_is_refused_before_the_model_loads(tmp_path):
+    def loader():
+        raise AssertionError("the model must not load")
+
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        tiny_eval(FakeEngine(), store, budgets=(2,), model="fake-model")
+        with pytest.raises(EvalError, match=r"temperature: database '0\.6', now '0\.7'"):
+            tiny_eval(loader, store, budgets=(2,), temperature=0.7, model="fake-model")
+        with pytest.raises(EvalError, match=r"model: database 'fake-model', now 'other'"):
+            tiny_eval(loader, store, budgets=(2,), model="other")
+        assert len(tiny_eval(loader, store, budgets=(2,), model="fake-model")) == 8  # all stored: no load
 
 
 def test_an_interrupted_eval_resumes_without_computing_a_row_twice(tmp_path):
@@ -320,7 +425,7 @@ def test_an_interrupted_eval_resumes_without_computing_a_row_twice(tmp_path):
     with ResultStore(db) as store, pytest.raises(KeyboardInterrupt):
         tiny_eval(first, store, on_row=interrupt, batch_size=1)
     with ResultStore(db) as store:
-        before = {(r.problem, r.config, r.budget): r for r in store.results()}
+        before = {(r.problem, r.config, r.budget, r.seed): r for r in store.results()}
     assert len(before) == 5
     second = CountingEngine(FakeEngine())
     with ResultStore(db) as store:
@@ -328,11 +433,11 @@ def test_an_interrupted_eval_resumes_without_computing_a_row_twice(tmp_path):
     assert len(rows) == 16
     assert not set(first.calls) & set(second.calls)  # no run made twice
     assert len(first.calls) + len(second.calls) == 16  # the unique runs of the grid
-    after = {(r.problem, r.config, r.budget): r for r in rows}
+    after = {(r.problem, r.config, r.budget, r.seed): r for r in rows}
     assert all(after[key] == row for key, row in before.items())  # stored rows were kept as they were
     third = CountingEngine(FakeEngine())
     with ResultStore(db) as store:
-        assert len(tiny_eval(third, store)) == 16 and third.calls == []
+        assert len(tiny_eval(third, store, batch_size=1)) == 16 and third.calls == []
 
 
 def test_a_database_refuses_an_eval_with_other_settings(tmp_path):
@@ -357,7 +462,7 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
     assert "Vote of 2" in text and "Message passing" in text and f"report: {out / 'report.html'}" in text
     with sqlite3.connect(out / "results.sqlite") as db:
         rows = db.execute("SELECT config, answer, tokens, forward_passes FROM results").fetchall()
-        runs = db.execute("SELECT n_workers, layout, seed_offset, generated_tokens FROM runs").fetchall()
+        runs = db.execute("SELECT n_workers, layout, sample, generated_tokens FROM runs").fetchall()
     assert len(rows) == 4
     assert sorted((n, layout, seed) for n, layout, seed, _ in runs) == [
         (1, "combined", 0),
@@ -368,8 +473,42 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
     assert all(passes > 0 and tokens > 0 for _, _, tokens, passes in rows)
     assert any(answer is not None for _, answer, _, _ in rows)  # the finisher gets an answer out
     assert (out / "accuracy.png").stat().st_size > 10_000
-    assert len(engine.calls) == 4 and engine.batches == [1, 1, 1, 1]  # one problem per batch here
+    with sqlite3.connect(out / "results.sqlite") as db:
+        page = zlib.decompress(db.execute("SELECT transcript FROM runs").fetchone()[0]).decode()
+    prompt = page.split("<h2>Prompt</h2>", 1)[1].split("</pre>", 1)[0]
+    assert "im_start" in prompt and "What is 3 + 4?" in prompt  # the full prompt, chat template included
+    assert len(engine.calls) == 4
     assert main(argv) == 0
     assert len(engine.calls) == 4  # everything is stored: nothing runs again
+    with pytest.raises(SystemExit, match=r"temperature: database '0\.6', now '0\.9'"):
+        main([*argv, "--temperature", "0.9"])  # refused before the model loads
     with pytest.raises(SystemExit, match="hogwild eval: Unknown protocol 'nope'"):
         main(["eval", data, "--protocols", "nope", "--out", str(out)])
+
+
+def test_run_grid_returns_one_row_per_problem_configuration_budget_and_seed(tmp_path, capsys):
+    dataset = Dataset("tiny", PROBLEMS)
+    configs = build_grid([1, 2], ["collaborate"], ["combined"])
+    settings = EvalSettings(budgets=(2, 3), seeds=(0, 5))
+    db = tmp_path / "r.sqlite"
+    frame = run_grid(FakeEngine(), dataset, configs, settings, db=db)
+    assert len(frame) == 2 * 4 * 2 * 2
+    keys = set(zip(frame.problem, frame.config, frame.budget, frame.seed, strict=True))
+    assert len(keys) == len(frame)
+    assert set(frame.seed) == {0, 5} and set(frame.budget) == {2, 3} and set(frame.problem) == {"a", "b"}
+    assert set(frame.method) == {"single", "hogwild", "msgpass", "vote"}
+    assert (frame.correct == (frame.reference == frame.answer)).all()
+    smaller = run_grid(FakeEngine(), dataset, configs[:1], EvalSettings(budgets=(2,), seeds=(5,)), db=db)
+    assert len(smaller) == 2 and set(smaller.seed) == {5}  # only the grid asked for
+    assert len(run_grid(FakeEngine(), dataset, configs[:1], EvalSettings(budgets=(2,)))) == 2  # in memory
+    csv_path = tmp_path / "rows.csv"
+    assert main(["eval-report", str(db), "--csv", str(csv_path)]) == 0
+    with open(csv_path, newline="") as file:
+        exported = list(csv.DictReader(file))
+    assert len(exported) == len(frame) and exported[0].keys() == set(frame.columns)
+    assert sorted(r["answer"] for r in exported) == sorted(frame.answer)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install pyarrow"):
+            main(["eval-report", str(db), "--parquet", str(tmp_path / "rows.parquet")])

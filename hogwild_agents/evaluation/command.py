@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -12,7 +14,8 @@ from hogwild_agents.attention import IMPLEMENTATIONS
 from hogwild_agents.errors import HogwildError
 from hogwild_agents.evaluation.checkers import CHECKERS, DEFAULT_TOLERANCE, make_checker
 from hogwild_agents.evaluation.datasets import ANSWER_FIELDS, DEFAULT_GYM_SIZE, QUESTION_FIELDS, load_dataset
-from hogwild_agents.evaluation.grid import BASELINES, build_grid, parse_list
+from hogwild_agents.evaluation.frame import export
+from hogwild_agents.evaluation.grid import BASELINES, NO_PROTOCOL, build_grid, parse_list
 from hogwild_agents.evaluation.report import summarise, write_report
 from hogwild_agents.evaluation.runner import EvalSettings, run_eval
 from hogwild_agents.evaluation.store import ResultStore
@@ -61,7 +64,9 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         "each other only at step ends); comma-separated, or none (default: all)",
     )
     ev.add_argument(
-        "--baseline-protocol", default=None, help="protocol of the baselines (default: the first)"
+        "--baseline-protocol",
+        default=None,
+        help="protocol of the baselines (default: the first); none: the plain prompt, no collaboration text",
     )
     ev.add_argument(
         "--checker", choices=CHECKERS, default="auto", help="how answers are scored (default auto)"
@@ -75,7 +80,15 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--limit", type=int, default=None, help=f"problems, a seeded sample (gym default {DEFAULT_GYM_SIZE})"
     )
-    ev.add_argument("--seed", type=int, default=0, help="seed of the sample and of sampling (default 0)")
+    ev.add_argument(
+        "--sample-seed", type=int, default=0, help="seed of the problem sample (--limit) (default 0)"
+    )
+    ev.add_argument(
+        "--seeds",
+        default="0",
+        help="replicate seeds, comma-separated (default 0): each one a full pass over the grid; every "
+        "run's sampling seed is a hash of its replicate seed, configuration, vote sample and problem",
+    )
     ev.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6)")
     ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold in (0, 1]")
     ev.add_argument(
@@ -99,7 +112,22 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         "eval-report", help="write the report of an eval database, or compare two side by side"
     )
     report.add_argument("db", help="results database of `hogwild eval`")
-    report.add_argument("--compare", metavar="DB", default=None, help="a second database to compare with")
+    report.add_argument(
+        "--compare",
+        metavar="DB",
+        action="append",
+        default=[],
+        help="another database to compare with (repeatable)",
+    )
+    report.add_argument(
+        "--csv", metavar="FILE", default=None, help="write DB's per-problem rows as CSV instead of a report"
+    )
+    report.add_argument(
+        "--parquet",
+        metavar="FILE",
+        default=None,
+        help="write DB's per-problem rows as Parquet (needs pyarrow) instead of a report",
+    )
     report.add_argument(
         "--out",
         default=None,
@@ -119,9 +147,20 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def eval_report_command(args: argparse.Namespace) -> int:
     try:
-        databases = [args.db] + ([args.compare] if args.compare else [])
+        if args.csv or args.parquet:
+            export(args.db, args.csv, args.parquet)
+            for path in (args.csv, args.parquet):
+                if path:
+                    print(f"wrote {path}")
+            return 0
+        databases = [args.db, *args.compare]
         out = args.out or ("eval-compare" if args.compare else str(Path(args.db).parent))
-        print(f"wrote {write_report(databases, out)}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            page = write_report(databases, out)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        print(f"wrote {page}")
         return 0
     except HogwildError as err:
         raise SystemExit(f"hogwild eval-report: {err}") from None
@@ -133,7 +172,7 @@ def _eval(args: argparse.Namespace) -> int:
     dataset = load_dataset(
         args.dataset,
         limit=args.limit,
-        seed=args.seed,
+        seed=args.sample_seed,
         question_field=args.question_field,
         answer_field=args.answer_field,
     )
@@ -148,7 +187,10 @@ def _eval(args: argparse.Namespace) -> int:
     )
     settings = EvalSettings(
         budgets=tuple(parse_list(args.budgets, "budgets", int)),
-        seed=args.seed,
+        seeds=tuple(parse_list(args.seeds, "seeds", int)),
+        sample_seed=args.sample_seed,
+        dtype=args.dtype or "auto",
+        device=args.device or "auto",
         temperature=args.temperature,
         top_p=args.top_p,
         attention=args.attention,
@@ -157,13 +199,17 @@ def _eval(args: argparse.Namespace) -> int:
     )
     settings.check(configs)
     for name in {c.protocol for c in configs}:
-        Protocol(name)  # a bad protocol fails before the model loads
+        if name.lower() != NO_PROTOCOL:
+            Protocol(name)  # a bad protocol fails before the model loads
     out = Path(args.out)
     db = Path(args.db) if args.db else out / "results.sqlite"
-    engine = HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
+    def load():  # called by run_eval once the database has accepted the settings
+        return HogwildEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+
     with ResultStore(db) as store:
         rows = run_eval(
-            engine,
+            load,
             dataset,
             configs,
             settings,
@@ -180,16 +226,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_summary(rows, configs) -> None:
-    table = Table("configuration", "budget", "problems", "accuracy", "forward passes", "tokens", "wall s")
+    table = Table(
+        "configuration", "budget", "n", "accuracy (Wilson 95%)", "score", "forward passes", "tokens",
+        "wall s", "tokens / correct",
+    )  # fmt: skip
     for p in summarise(rows, configs):
         table.add_row(
             p.config.label,
             str(p.budget),
             str(p.problems),
-            f"{100 * p.accuracy:.1f}%",
+            f"{100 * p.accuracy:.1f}% ({100 * p.interval[0]:.0f}-{100 * p.interval[1]:.0f})",
+            f"{p.score:.3f}",
             f"{p.forward_passes:.1f}",
             f"{p.tokens:.1f}",
             f"{p.wall_s:.2f}",
+            f"{p.per_correct(p.tokens):.0f}",
         )
     console = Console()
     if not console.is_terminal:  # a file or a pipe: no need to fold the table into 80 columns

@@ -5,17 +5,24 @@ Methods (paper, section 4):
 - `msgpass`: message passing: N workers that see each other only at step ends (the `interleaved`
   layout: finished steps join a shared history, others' steps in progress stay invisible).
 - `single`: one worker.
-- `vote`: self-consistency: N independent one-worker runs (seeds seed, seed+1, ...), majority vote.
+- `vote`: self-consistency: N independent one-worker runs, majority vote.
 
 The baselines (`single`, `vote`, `msgpass`) use one protocol, the baseline protocol (default: the first
-one given). A run is identified by its `RunSpec`, so configurations that need the same run share it:
-a vote of 4 reuses the vote of 2's samples and the single run (its seed-0 sample).
+one given; `none`: the plain prompt, no collaboration text). A run is identified by its `RunSpec`, so
+configurations that need the same run share it: a vote of 4 reuses the vote of 2's samples and the
+single run (its sample 0). Configurations and runs are keyed by content: the protocol's fingerprint (a
+hash of what its template renders and of its options, not of its path) is part of both keys, so an
+edited template gives new runs. Every run's sampling seed is a hash of the replicate seed, the run's
+spec, its vote sample and the problem (`run_seed`): no two runs share a random stream.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hogwild_agents.errors import EvalError
 from hogwild_agents.views import LAYOUTS
@@ -23,6 +30,7 @@ from hogwild_agents.views import LAYOUTS
 METHODS = ("single", "hogwild", "msgpass", "vote")
 BASELINES = ("single", "vote", "msgpass")
 MESSAGE_PASSING_LAYOUT = "interleaved"
+NO_PROTOCOL = "none"  # the plain prompt (the baseline protocol may be none)
 
 
 @dataclass(frozen=True)
@@ -30,10 +38,21 @@ class RunSpec:
     """One engine run of one problem: what `engine.generate` is given besides the prompt."""
 
     protocol: str
+    protocol_hash: str  # the protocol's content fingerprint ("" when unknown)
     n_workers: int
     layout: str
     budget: int  # max_new_tokens: each worker writes at most this many tokens
-    seed_offset: int  # added to the eval's seed
+    seed: int  # the replicate seed
+    sample: int  # the vote sample (0 for every other method)
+
+    def run_seed(self, problem: str) -> int:
+        """The sampling seed of this run of `problem`: a hash of everything that identifies the run, so
+        replicates, vote samples and problems draw from independent streams."""
+        key = json.dumps(
+            [self.seed, self.protocol, self.protocol_hash, self.n_workers, self.layout, self.budget,
+             self.sample, problem]
+        )  # fmt: skip
+        return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 2
 
 
 @dataclass(frozen=True)
@@ -42,8 +61,14 @@ class Config:
 
     method: str
     workers: int
-    protocol: str
+    protocol: Any  # a protocol name, template path or text, or a Protocol (the runner names it)
     layout: str = "combined"
+    protocol_hash: str = ""  # the protocol's content fingerprint, set by the runner
+
+    @property
+    def key(self) -> str:
+        """The configuration's key in the results database: its name and its protocol's fingerprint."""
+        return f"{self.name}@{self.protocol_hash[:12]}" if self.protocol_hash else self.name
 
     @property
     def name(self) -> str:
@@ -65,21 +90,22 @@ class Config:
         }[self.method]
         return f"{head} \u00b7 {self.protocol}"
 
-    def runs(self, budget: int) -> list[RunSpec]:
-        """The runs one problem needs at `budget`; a vote has one run per sample."""
+    def runs(self, budget: int, seed: int = 0) -> list[RunSpec]:
+        """The runs one problem needs at `budget` for replicate `seed`; a vote has one run per sample."""
+        name, digest = str(self.protocol), self.protocol_hash
         if self.method == "vote":
-            return [RunSpec(self.protocol, 1, "combined", budget, k) for k in range(self.workers)]
+            return [RunSpec(name, digest, 1, "combined", budget, seed, k) for k in range(self.workers)]
         n_workers = 1 if self.method == "single" else self.workers
         layout = "combined" if self.method == "single" else self.layout
-        return [RunSpec(self.protocol, n_workers, layout, budget, 0)]
+        return [RunSpec(name, digest, n_workers, layout, budget, seed, 0)]
 
 
 def build_grid(
     workers: Sequence[int],
-    protocols: Sequence[str],
+    protocols: Sequence[Any],
     layouts: Sequence[str],
     baselines: Sequence[str] = BASELINES,
-    baseline_protocol: str | None = None,
+    baseline_protocol: Any = None,
 ) -> list[Config]:
     """Every configuration of the grid, baselines included, without duplicates, in plotting order.
 
@@ -96,7 +122,7 @@ def build_grid(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise EvalError(f"Unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)} (or none).")
-    base = baseline_protocol or protocols[0]
+    base = protocols[0] if baseline_protocol is None else baseline_protocol
     configs = []
     if 1 in workers or "single" in baselines:
         configs.append(Config("single", 1, base))

@@ -1,18 +1,27 @@
-"""The eval loop: every problem x configuration x budget, many problems per engine call, resumable.
+"""The eval loop: every problem x configuration x budget x replicate seed, many problems per engine
+call, resumable.
 
 Each budget is its own run with `max_new_tokens=budget` (every worker writes at most `budget` tokens);
 when it ends without an answer the protocol's finisher makes one worker answer ("answer if stopped
 now", as in the paper). The answer is the protocol's final-answer extraction (`HogwildResult.answer`).
 Runs are stored as they finish and rows as soon as their runs are in, so an interrupted eval resumes
-where it stopped: rows already present are skipped, runs already present are reused.
+where it stopped: rows already present are skipped, runs already present are reused. The settings
+every row depends on are checked against the database before the engine is loaded (`engine` may be a
+loader: a callable without `generate`, called only once the check has passed).
+
+Wall time is measured per run, from its own start to its own end inside the batch (engines with
+`submit`); a vote's samples run side by side, so a vote counts the forward passes AND the wall time of
+its longest sample (its latency), and the tokens of all its samples (its cost).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console
@@ -28,7 +37,7 @@ from rich.progress import (
 from hogwild_agents.errors import EvalError
 from hogwild_agents.evaluation.checkers import Checker, majority
 from hogwild_agents.evaluation.datasets import Dataset, Problem
-from hogwild_agents.evaluation.grid import Config, RunSpec
+from hogwild_agents.evaluation.grid import NO_PROTOCOL, Config, RunSpec
 from hogwild_agents.evaluation.store import ResultRow, ResultStore, RunRecord
 from hogwild_agents.protocol import Protocol
 from hogwild_agents.results import HogwildResult
@@ -40,16 +49,21 @@ class EvalSettings:
     """How runs are made. `batch_size`: problems submitted together (and rows per progress chunk)."""
 
     budgets: tuple[int, ...]
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # replicate seeds (each one a full pass over the grid)
     temperature: float = 0.6
     top_p: float = 1.0
     attention: str = "fast"
     batch_size: int = 8
     interjection_period: int | None = None
+    sample_seed: int = 0  # the seed of the problem sample (recorded; the dataset is sampled with it)
+    dtype: str = "auto"  # recorded: what the engine was loaded with
+    device: str = "auto"
 
     def check(self, configs: Sequence[Config]) -> None:
         if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
             raise EvalError(f"--budgets must list positive token budgets, got {list(self.budgets)}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise EvalError(f"--seeds must list distinct replicate seeds, got {list(self.seeds)}.")
         if self.batch_size < 1:
             raise EvalError(f"--batch-size must be at least 1, got {self.batch_size}.")
         if self.interjection_period is not None and self.interjection_period < 1:
@@ -61,35 +75,134 @@ class EvalSettings:
             )
 
 
-def generate_many(engine: Any, prompts: Sequence[Any], **options: Any) -> list[tuple[HogwildResult, float]]:
-    """Run every prompt with the same options; returns (result, wall seconds) per prompt.
+class _Clock:
+    """A run controller that records when its run starts and ends."""
 
-    Uses `engine.generate_many` when the engine has it (the runs share forward passes; each run's wall
-    time is the call's time divided among them), else `engine.generate` one prompt after another."""
-    many = getattr(engine, "generate_many", None)
-    if many is not None:
-        start = time.perf_counter()
-        results = many(list(prompts), **options)
-        share = (time.perf_counter() - start) / max(len(prompts), 1)
-        return [(result, share) for result in results]
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.ended: float | None = None
+
+    def start(self, run: Any) -> None:
+        self.started = time.perf_counter()
+
+    def after_step(self, run: Any, record: Any) -> bool:
+        return False
+
+    def finish(self, run: Any, stopped: bool) -> None:
+        self.ended = time.perf_counter()
+
+
+def run_batch(engine: Any, jobs: Sequence[tuple[Any, dict[str, Any]]]) -> list[tuple[HogwildResult, float]]:
+    """Run every (prompt, options) job; returns (result, wall seconds) per job, in order.
+
+    With `engine.submit` every job is queued at once (their forwards shared) and each one's wall time
+    runs from its own start to its own end; else `engine.generate` runs them one after another."""
+    submit = getattr(engine, "submit", None)
+    if submit is not None:
+        clocks = [_Clock() for _ in jobs]
+        queued = time.perf_counter()
+        handles = [
+            submit(prompt, controller=clock, **options)
+            for (prompt, options), clock in zip(jobs, clocks, strict=True)
+        ]
+        try:
+            results = [handle.result() for handle in handles]
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        now = time.perf_counter()
+        return [
+            (result, (clock.ended or now) - (clock.started or queued))
+            for result, clock in zip(results, clocks, strict=True)
+        ]
     timed = []
-    for prompt in prompts:
+    for prompt, options in jobs:
         start = time.perf_counter()
         result = engine.generate(prompt, **options)
         timed.append((result, time.perf_counter() - start))
     return timed
 
 
+def protocol_fingerprint(protocol: Protocol | None) -> str:
+    """A hash of what the protocol renders (every block, for 1 and 2 workers in every layout) and of its
+    options: the same template text gives the same fingerprint wherever it lives; an edit changes it."""
+    if protocol is None:
+        return hashlib.sha256(NO_PROTOCOL.encode()).hexdigest()
+    from hogwild_agents.views import LAYOUTS
+
+    parts = [
+        repr(
+            (
+                protocol.interjection_period,
+                protocol.worker_names,
+                protocol.answer_format,
+                protocol.reasoning,
+                sorted(protocol.variables.items())
+                if isinstance(protocol.variables, dict)
+                else protocol.variables,
+                protocol.strategies,
+                protocol.examples,
+            )
+        )
+    ]
+    for layout in LAYOUTS:
+        for n_workers in (1, 2):
+            script = protocol.render(None, "A task.", n_workers, layout)
+            parts.append(repr(script))
+            parts.append(repr([script.step_header(w, k) for w in range(n_workers) for k in (1, 2)]))
+    text = re.sub(r" at 0x[0-9a-f]+", "", "\n".join(parts))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def resolve_protocols(
+    configs: Sequence[Config], options: dict[str, Any]
+) -> tuple[list[Config], dict[tuple[str, str], Protocol | None]]:
+    """The configurations with their protocols named and fingerprinted, and the protocol of each
+    (name, fingerprint). A protocol may be a shipped name, a template path or text, a Protocol, or
+    `none` (the plain prompt)."""
+    made: dict[Any, tuple[str, str, Protocol | None]] = {}
+    resolved, protocols = [], {}
+    for config in configs:
+        given = config.protocol
+        if given not in made:
+            if isinstance(given, Protocol):
+                protocol, name = given, given.name
+            elif str(given).lower() == NO_PROTOCOL:
+                protocol, name = None, NO_PROTOCOL
+            else:
+                protocol, name = Protocol(str(given), **options), str(given)
+            made[given] = (name, protocol_fingerprint(protocol), protocol)
+        name, digest, protocol = made[given]
+        protocols[name, digest] = protocol
+        resolved.append(replace(config, protocol=name, protocol_hash=digest))
+    return list(dict.fromkeys(resolved)), protocols
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hogwild-agents")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def eval_meta(dataset: Dataset, settings: EvalSettings, checker: Checker, model: str) -> dict[str, str]:
     """What every stored row depends on; a resumed eval must match it."""
     meta = {
         "dataset": dataset.name,
-        "seed": settings.seed,
+        "sample_seed": settings.sample_seed,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
         "checker": checker.kind,
         "tolerance": checker.tolerance,
         "model": model,
+        "dtype": settings.dtype,
+        "device": settings.device,
+        "attention": settings.attention,
+        "batch_size": settings.batch_size,
+        "version": package_version(),
     }
     if settings.interjection_period is not None:
         meta["interjection_period"] = settings.interjection_period
@@ -110,31 +223,38 @@ def run_eval(
 ) -> list[ResultRow]:
     """Compute every missing row of the grid into `store`; returns all the store's rows.
 
-    `model` names the model in the database (default: the engine's model path); `on_row` is called
-    after each row is stored."""
+    `engine`: an engine, or a loader (a callable without `generate`) called once the database has
+    accepted the settings. `model` names the model in the database (default: the engine's model path;
+    required with a loader); `on_row` is called after each row is stored."""
     settings.check(configs)
     protocol_options = {}
     if settings.interjection_period is not None:
         protocol_options["interjection_period"] = settings.interjection_period
-    protocols = {
-        name: Protocol(name, **protocol_options) for name in dict.fromkeys(c.protocol for c in configs)
-    }
-    model = model or str(getattr(engine.model, "name_or_path", "") or type(engine.model).__name__)
-    store.ensure_meta(eval_meta(dataset, settings, checker, model))
-    store.add_problems(dataset.problems)
-    store.add_configs(configs)
-
+    configs, protocols = resolve_protocols(configs, protocol_options)
+    loader = engine if callable(engine) and not hasattr(engine, "generate") else None
+    if loader is not None and model is None:
+        raise EvalError("run_eval with an engine loader needs model= to name the model.")
+    if model is None:
+        model = str(getattr(engine.model, "name_or_path", "") or type(engine.model).__name__)
+    meta = eval_meta(dataset, settings, checker, model)
+    store.check_meta(meta)  # before the engine loads
     done = store.result_keys()
     todo = [
-        (problem, config, budget)
+        (problem, config, budget, seed)
+        for seed in settings.seeds
         for problem in dataset.problems
         for config in configs
         for budget in settings.budgets
-        if (problem.id, config.name, budget) not in done
+        if (problem.id, config.key, budget, seed) not in done
     ]
+    if todo and loader is not None:
+        engine = loader()
+    store.ensure_meta(meta)
+    store.add_problems(dataset.problems)
+    store.add_configs(configs)
     have = store.run_keys()
     needed = {
-        (p.id, spec): None for p, c, b in todo for spec in c.runs(b) if (p.id, spec) not in have
+        (p.id, spec): None for p, c, b, seed in todo for spec in c.runs(b, seed) if (p.id, spec) not in have
     }  # an ordered set
     work = _Work(engine, store, checker, protocols, settings, on_row)
     with _progress(progress) as bar:
@@ -157,7 +277,7 @@ class _Work:
         engine: Any,
         store: ResultStore,
         checker: Checker,
-        protocols: dict[str, Protocol],
+        protocols: dict[tuple[str, str], Protocol | None],
         settings: EvalSettings,
         on_row: Callable[[ResultRow], None] | None,
     ) -> None:
@@ -167,63 +287,86 @@ class _Work:
         self.report: Callable[[str], None] = lambda text: None
         self.advance: Callable[[int], None] = lambda amount: None
 
-    def do_chunk(self, chunk: list[tuple[Problem, Config, int]], have: set[tuple[str, RunSpec]]) -> None:
-        """All runs the chunk's rows need, one engine call per RunSpec, storing rows once complete."""
-        by_spec: dict[RunSpec, list[Problem]] = {}
-        for problem, config, budget in chunk:
-            for spec in config.runs(budget):
-                if (problem.id, spec) not in have and problem not in by_spec.setdefault(spec, []):
-                    by_spec[spec].append(problem)
-        pending = list(chunk)
-        for spec, spec_problems in by_spec.items():
-            self.report(_describe(spec))
-            prompts = [[{"role": "user", "content": p.question}] for p in spec_problems]
-            for problem, (result, wall_s) in zip(
-                spec_problems, generate_many(self.engine, prompts, **self._options(spec)), strict=True
+    def do_chunk(self, chunk: list[tuple[Problem, Config, int, int]], have: set[tuple[str, RunSpec]]) -> None:
+        """All runs the chunk's rows need, submitted together (one batch), storing rows once complete."""
+        jobs: dict[tuple[str, RunSpec], Problem] = {}
+        for problem, config, budget, seed in chunk:
+            for spec in config.runs(budget, seed):
+                if (problem.id, spec) not in have:
+                    jobs.setdefault((problem.id, spec), problem)
+        if jobs:
+            self.report(_describe(next(iter(jobs))[1]))
+            batch = [
+                ([{"role": "user", "content": problem.question}], self._options(spec, problem))
+                for (_, spec), problem in jobs.items()
+            ]
+            for ((_, spec), problem), (prompt, options), (result, wall_s) in zip(
+                jobs.items(), batch, run_batch(self.engine, batch), strict=True
             ):
-                self._store_run(problem, spec, result, wall_s)
+                self._store_run(problem, spec, options["seed"], prompt, result, wall_s)
                 have.add((problem.id, spec))
                 self.advance(spec.budget)
-            pending = self._store_rows(pending, have)
-        self._store_rows(pending, have)
+        self._store_rows(chunk, have)
 
-    def _options(self, spec: RunSpec) -> dict[str, Any]:
+    def _options(self, spec: RunSpec, problem: Problem) -> dict[str, Any]:
         return dict(
             n_workers=spec.n_workers,
             layout=spec.layout,
-            protocol=self.protocols[spec.protocol],
+            protocol=self.protocols[spec.protocol, spec.protocol_hash],
             max_new_tokens=spec.budget,
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
-            seed=self.settings.seed + spec.seed_offset,
+            seed=spec.run_seed(problem.id),
             attention=self.settings.attention,
         )
 
-    def _store_run(self, problem: Problem, spec: RunSpec, result: HogwildResult, wall_s: float) -> None:
+    def _store_run(
+        self,
+        problem: Problem,
+        spec: RunSpec,
+        run_seed: int,
+        prompt: Any,
+        result: HogwildResult,
+        wall_s: float,
+    ) -> None:
+        answer = result.answer if spec.protocol != NO_PROTOCOL else plain_answer(result)
         record = RunRecord(
             problem=problem.id,
             spec=spec,
-            answer=result.answer,
+            run_seed=run_seed,
+            answer=answer,
             generated_tokens=result.usage.generated_tokens,
             steps=result.steps,
             forward_tokens=result.usage.forward_tokens,
             wall_s=wall_s,
             finish_reason=result.finish_reason,
         )
-        self.store.add_run(record, transcript_page(problem, spec, result))
+        prompt_text = self._prompt_text(prompt, spec)
+        self.store.add_run(record, transcript_page(problem, spec, result, prompt_text, answer))
+
+    def _prompt_text(self, prompt: Any, spec: RunSpec) -> str:
+        """The full prompt the run started from (as the engine renders it), or the messages."""
+        script = getattr(self.engine, "script", None)
+        if script is not None:
+            try:
+                protocol = self.protocols[spec.protocol, spec.protocol_hash]
+                return script(prompt, spec.n_workers, spec.layout, protocol, []).prompt
+            except Exception:  # an engine without the renderer: fall back to the messages
+                pass
+        return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
     def _store_rows(
-        self, pending: list[tuple[Problem, Config, int]], have: set[tuple[str, RunSpec]]
-    ) -> list[tuple[Problem, Config, int]]:
+        self, pending: list[tuple[Problem, Config, int, int]], have: set[tuple[str, RunSpec]]
+    ) -> list[tuple[Problem, Config, int, int]]:
         """Store the rows whose runs are all in; returns the others."""
         left = []
-        for problem, config, budget in pending:
-            specs = config.runs(budget)
+        for problem, config, budget, seed in pending:
+            specs = config.runs(budget, seed)
             if any((problem.id, spec) not in have for spec in specs):
-                left.append((problem, config, budget))
+                left.append((problem, config, budget, seed))
                 continue
             row = make_row(
-                problem, config, budget, [self.store.run(problem.id, s) for s in specs], self.checker
+                problem, config, budget, seed, [self.store.run(problem.id, s) for s in specs], self.checker
             )
             self.store.add_result(row)
             self.rows += 1
@@ -234,16 +377,18 @@ class _Work:
 
 
 def make_row(
-    problem: Problem, config: Config, budget: int, runs: Sequence[RunRecord], checker: Checker
+    problem: Problem, config: Config, budget: int, seed: int, runs: Sequence[RunRecord], checker: Checker
 ) -> ResultRow:
-    """The row of `problem` x `config` x `budget` from its runs (a vote's majority over its samples)."""
+    """The row of `problem` x `config` x `budget` x `seed` from its runs (a vote's majority over its
+    samples; its forward passes and wall time those of its longest sample, its tokens the sum)."""
     samples = tuple(run.answer for run in runs)
     answer = majority(samples, checker, problem) if config.method == "vote" else samples[0]
     score = checker.score(answer, problem)
     return ResultRow(
         problem=problem.id,
-        config=config.name,
+        config=config.key,
         budget=budget,
+        seed=seed,
         answer=answer,
         correct=score >= 1.0,
         score=score,
@@ -251,20 +396,34 @@ def make_row(
         tokens=sum(run.generated_tokens for run in runs),
         forward_passes=max(run.steps for run in runs),
         forward_tokens=sum(run.forward_tokens for run in runs),
-        wall_s=sum(run.wall_s for run in runs),
+        wall_s=max(run.wall_s for run in runs),
         finish_reason=",".join(sorted({run.finish_reason for run in runs})),
     )
 
 
-def transcript_page(problem: Problem, spec: RunSpec, result: HogwildResult) -> str:
-    """The run's HTML transcript (transcript.render_html) headed by the problem and its answers."""
+def plain_answer(result: HogwildResult) -> str | None:
+    """The answer of a run without a protocol: its last \\boxed{} answer, else its last number."""
+    text = result.workers[0].text if result.workers else result.final_text
+    boxed = re.findall(r"\\boxed\s*\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    numbers = re.findall(r"[-+]?\d[\d,]*(?:\.\d+)?", text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def transcript_page(
+    problem: Problem, spec: RunSpec, result: HogwildResult, prompt: str = "", answer: str | None = None
+) -> str:
+    """The run's HTML transcript (transcript.render_html) headed by the problem, the full prompt and
+    its answers."""
     esc = html.escape
     title = f"Problem {problem.id} \u00b7 {_describe(spec)}"
     head = (
         '<div class="problem"><h2>Problem</h2>'
         f'<div class="timeline">{esc(problem.question)}</div>'
         f'<p class="meta">reference answer: <b>{esc(problem.answer)}</b> &middot; extracted answer: '
-        f"<b>{esc(str(result.answer))}</b></p></div>"
+        f"<b>{esc(str(answer if answer is not None else result.answer))}</b></p>"
+        f'<h2>Prompt</h2><pre class="prompt">{esc(prompt)}</pre></div>'
     )
     page = render_html(result, title=title)
     return page.replace("<h2>Final answer</h2>", head + "\n<h2>Final answer</h2>", 1)
@@ -272,17 +431,19 @@ def transcript_page(problem: Problem, spec: RunSpec, result: HogwildResult) -> s
 
 def _describe(spec: RunSpec) -> str:
     workers = "1 worker" if spec.n_workers == 1 else f"{spec.n_workers} workers, {spec.layout}"
-    seed = f", seed +{spec.seed_offset}" if spec.seed_offset else ""
+    seed = f", seed {spec.seed}" + (f" sample {spec.sample}" if spec.sample else "")
     return f"{workers}, {spec.protocol}, budget {spec.budget}{seed}"
 
 
-def _chunks(todo: list[tuple[Problem, Config, int]], size: int) -> list[list[tuple[Problem, Config, int]]]:
-    """The rows grouped by problem, `size` problems per chunk, in dataset order."""
-    order = list(dict.fromkeys(problem.id for problem, _, _ in todo))
-    chunk_of = {problem_id: i // size for i, problem_id in enumerate(order)}
-    chunks: list[list[tuple[Problem, Config, int]]] = [[] for _ in range((len(order) + size - 1) // size)]
+def _chunks(
+    todo: list[tuple[Problem, Config, int, int]], size: int
+) -> list[list[tuple[Problem, Config, int, int]]]:
+    """The rows grouped by (seed, problem), `size` problems per chunk, in order."""
+    order = list(dict.fromkeys((row[3], row[0].id) for row in todo))
+    chunk_of = {key: i // size for i, key in enumerate(order)}
+    chunks: list[list] = [[] for _ in range((len(order) + size - 1) // size)]
     for row in todo:
-        chunks[chunk_of[row[0].id]].append(row)
+        chunks[chunk_of[row[3], row[0].id]].append(row)
     return chunks
 
 

@@ -1,13 +1,16 @@
 """The results database (SQLite): what an eval computed, so that it resumes and can be compared.
 
 Tables:
-- `meta`: what every row depends on (dataset, seed, sampling, checker, model); an eval that resumes
-  must match it.
-- `problems`, `configs`: the dataset's problems and the grid's configurations, in order.
-- `runs`: one engine run (problem x RunSpec): its extracted answer, tokens, forward passes, wall time
-  and the HTML transcript (zlib-compressed). Configurations that need the same run share it.
-- `results`: one row per problem x configuration x budget: the answer (a vote's majority), its score
-  and correctness, tokens, forward passes, wall time, and the runs it was made from.
+- `meta`: what every row depends on (dataset, sample seed, sampling, checker, model, dtype, device,
+  attention, batch size, package version); an eval that resumes must match it.
+- `problems`, `configs`: the dataset's problems and the grid's configurations (keyed by `Config.key`,
+  which holds the protocol's content fingerprint), in order.
+- `runs`: one engine run (problem x RunSpec): its sampling seed, extracted answer, tokens, forward
+  passes, wall time and the HTML transcript (zlib-compressed). Configurations that need the same run
+  share it.
+- `results`: one row per problem x configuration x budget x replicate seed: the answer (a vote's
+  majority), its score and correctness, tokens, forward passes, wall time, and the runs it was made
+  from.
 """
 
 from __future__ import annotations
@@ -24,27 +27,32 @@ from hogwild_agents.errors import EvalError
 from hogwild_agents.evaluation.datasets import Problem
 from hogwild_agents.evaluation.grid import Config, RunSpec
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS problems (
     id TEXT PRIMARY KEY, position INTEGER NOT NULL, question TEXT NOT NULL, answer TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS configs (
-    name TEXT PRIMARY KEY, position INTEGER NOT NULL, method TEXT NOT NULL, workers INTEGER NOT NULL,
-    protocol TEXT NOT NULL, layout TEXT NOT NULL);
+    key TEXT PRIMARY KEY, position INTEGER NOT NULL, method TEXT NOT NULL, workers INTEGER NOT NULL,
+    protocol TEXT NOT NULL, layout TEXT NOT NULL, protocol_hash TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
-    problem TEXT NOT NULL, protocol TEXT NOT NULL, n_workers INTEGER NOT NULL, layout TEXT NOT NULL,
-    budget INTEGER NOT NULL, seed_offset INTEGER NOT NULL,
+    problem TEXT NOT NULL, protocol TEXT NOT NULL, protocol_hash TEXT NOT NULL, n_workers INTEGER NOT NULL,
+    layout TEXT NOT NULL, budget INTEGER NOT NULL, seed INTEGER NOT NULL, sample INTEGER NOT NULL,
+    run_seed INTEGER NOT NULL,
     answer TEXT, generated_tokens INTEGER NOT NULL, steps INTEGER NOT NULL, forward_tokens INTEGER NOT NULL,
     wall_s REAL NOT NULL, finish_reason TEXT NOT NULL, transcript BLOB NOT NULL,
-    PRIMARY KEY (problem, protocol, n_workers, layout, budget, seed_offset));
+    PRIMARY KEY (problem, protocol, protocol_hash, n_workers, layout, budget, seed, sample));
 CREATE TABLE IF NOT EXISTS results (
-    problem TEXT NOT NULL, config TEXT NOT NULL, budget INTEGER NOT NULL,
+    problem TEXT NOT NULL, config TEXT NOT NULL, budget INTEGER NOT NULL, seed INTEGER NOT NULL,
     answer TEXT, correct INTEGER NOT NULL, score REAL NOT NULL, samples TEXT NOT NULL,
     tokens INTEGER NOT NULL, forward_passes INTEGER NOT NULL, forward_tokens INTEGER NOT NULL,
     wall_s REAL NOT NULL, finish_reason TEXT NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (problem, config, budget));
+    PRIMARY KEY (problem, config, budget, seed));
 """
+
+
+_SPEC = ", ".join(f.name for f in fields(RunSpec))
+_WHERE = "problem = ? AND " + " AND ".join(f"{f.name} = ?" for f in fields(RunSpec))
 
 
 @dataclass(frozen=True)
@@ -53,21 +61,23 @@ class RunRecord:
 
     problem: str
     spec: RunSpec
+    run_seed: int  # the sampling seed the engine was given
     answer: str | None
     generated_tokens: int  # sampled by all workers together
     steps: int  # forward passes of the decode loop (finisher included, prefill not)
     forward_tokens: int  # every token the model processed
-    wall_s: float
+    wall_s: float  # from the run's own start to its own end
     finish_reason: str
 
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One problem x configuration x budget."""
+    """One problem x configuration x budget x replicate seed (`config` is the `Config.key`)."""
 
     problem: str
     config: str
     budget: int
+    seed: int
     answer: str | None
     correct: bool
     score: float
@@ -75,7 +85,7 @@ class ResultRow:
     tokens: int  # generated tokens of all its runs
     forward_passes: int  # of its longest run (a vote's samples run side by side)
     forward_tokens: int
-    wall_s: float  # all its runs together
+    wall_s: float  # of its longest run (a vote's samples run side by side)
     finish_reason: str
     created: float = 0.0
 
@@ -118,8 +128,14 @@ class ResultStore:
 
     def ensure_meta(self, meta: Mapping[str, str]) -> None:
         """Record the eval's settings, or check that they match the ones this database was made with."""
+        self.check_meta(meta)
         wanted = {"schema": SCHEMA_VERSION, **{k: str(v) for k, v in meta.items()}}
+        self.record_meta(wanted)
+
+    def check_meta(self, meta: Mapping[str, str]) -> None:
+        """Refuse settings that differ from the recorded ones (nothing is written)."""
         stored = self.meta()
+        wanted = {"schema": SCHEMA_VERSION, **{k: str(v) for k, v in meta.items()}}
         differ = {k: (stored[k], v) for k, v in wanted.items() if k in stored and stored[k] != v}
         if differ:
             lines = "; ".join(f"{k}: database {old!r}, now {new!r}" for k, (old, new) in differ.items())
@@ -127,6 +143,8 @@ class ResultStore:
                 f"{self.path} holds an eval with other settings ({lines}). Resume with the same settings, "
                 "or give another --db."
             )
+
+    def record_meta(self, wanted: Mapping[str, str]) -> None:
         with self.db:
             self.db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", wanted.items())
 
@@ -136,21 +154,31 @@ class ResultStore:
             self.db.executemany("INSERT OR REPLACE INTO problems VALUES (?, ?, ?, ?)", rows)
 
     def add_configs(self, configs: Iterable[Config]) -> None:
-        rows = [(c.name, i, c.method, c.workers, c.protocol, c.layout) for i, c in enumerate(configs)]
+        """The eval's configurations; a configuration of the same name with another key (an edited
+        template) replaces the old one in the report (its rows stay in the database)."""
+        configs = list(configs)
+        rows = [
+            (c.key, i, c.method, c.workers, str(c.protocol), c.layout, c.protocol_hash)
+            for i, c in enumerate(configs)
+        ]
+        stale = [(c.name, c.key) for c in configs]
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO configs VALUES (?, ?, ?, ?, ?, ?)", rows)
+            for config in self.configs():
+                if any(config.name == name and config.key != key for name, key in stale):
+                    self.db.execute("DELETE FROM configs WHERE key = ?", (config.key,))
+            self.db.executemany("INSERT OR REPLACE INTO configs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def problems(self) -> list[Problem]:
         query = "SELECT id, question, answer FROM problems ORDER BY position, id"
         return [Problem(*row) for row in self.db.execute(query)]
 
     def configs(self) -> list[Config]:
-        query = "SELECT method, workers, protocol, layout FROM configs ORDER BY position, name"
+        query = "SELECT method, workers, protocol, layout, protocol_hash FROM configs ORDER BY position, key"
         return [Config(*row) for row in self.db.execute(query)]
 
     # ---- runs ----------------------------------------------------------------------------------
     def run_keys(self) -> set[tuple[str, RunSpec]]:
-        query = "SELECT problem, protocol, n_workers, layout, budget, seed_offset FROM runs"
+        query = f"SELECT problem, {_SPEC} FROM runs"
         return {(row[0], RunSpec(*row[1:])) for row in self.db.execute(query)}
 
     def add_run(self, record: RunRecord, transcript: str) -> None:
@@ -158,6 +186,7 @@ class ResultStore:
         values = (
             record.problem,
             *astuple(spec),
+            record.run_seed,
             record.answer,
             record.generated_tokens,
             record.steps,
@@ -171,9 +200,8 @@ class ResultStore:
 
     def run(self, problem: str, spec: RunSpec) -> RunRecord:
         query = (
-            "SELECT answer, generated_tokens, steps, forward_tokens, wall_s, finish_reason FROM runs "
-            "WHERE problem = ? AND protocol = ? AND n_workers = ? AND layout = ? AND budget = ? "
-            "AND seed_offset = ?"
+            "SELECT run_seed, answer, generated_tokens, steps, forward_tokens, wall_s, finish_reason "
+            f"FROM runs WHERE {_WHERE}"
         )
         row = self.db.execute(query, (problem, *astuple(spec))).fetchone()
         if row is None:
@@ -181,22 +209,19 @@ class ResultStore:
         return RunRecord(problem, spec, *row)
 
     def transcript(self, problem: str, spec: RunSpec) -> str:
-        query = (
-            "SELECT transcript FROM runs WHERE problem = ? AND protocol = ? AND n_workers = ? "
-            "AND layout = ? AND budget = ? AND seed_offset = ?"
-        )
+        query = f"SELECT transcript FROM runs WHERE {_WHERE}"
         row = self.db.execute(query, (problem, *astuple(spec))).fetchone()
         if row is None:
             raise KeyError((problem, spec))
         return zlib.decompress(row[0]).decode("utf-8")
 
     # ---- results -------------------------------------------------------------------------------
-    def result_keys(self) -> set[tuple[str, str, int]]:
-        return set(self.db.execute("SELECT problem, config, budget FROM results"))
+    def result_keys(self) -> set[tuple[str, str, int, int]]:
+        return set(self.db.execute("SELECT problem, config, budget, seed FROM results"))
 
     def add_result(self, row: ResultRow) -> None:
         values = list(astuple(row))
-        values[6] = json.dumps(list(row.samples))
+        values[7] = json.dumps(list(row.samples))
         values[-1] = row.created or time.time()
         with self.db:
             self.db.execute(f"INSERT INTO results VALUES ({', '.join('?' * len(values))})", values)
@@ -206,7 +231,7 @@ class ResultStore:
         rows = []
         for values in self.db.execute(f"SELECT {names} FROM results ORDER BY rowid"):
             values = list(values)
-            values[4] = bool(values[4])
-            values[6] = tuple(json.loads(values[6]))
+            values[5] = bool(values[5])
+            values[7] = tuple(json.loads(values[7]))
             rows.append(ResultRow(*values))
         return rows
