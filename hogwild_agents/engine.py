@@ -287,6 +287,7 @@ class HogwildEngine:
         max_new_tokens: int = 256,
         max_total_tokens: int | None = None,
         max_context: int | None = None,
+        max_forward_passes: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -315,6 +316,9 @@ class HogwildEngine:
         `max_context`: the longest view a worker may attend to (prompt, shared history and steps), below
         the model's own context: a longer prompt is refused, and a worker whose view reaches it finishes
         with "length".
+        `max_forward_passes`: the forwards the run may take after its prompt (every step, chunked write
+        and tool result, and the finisher's answer): near the cap every worker finishes with "length"
+        and the finisher answers inside it (`HogwildResult.forward_passes` counts them).
         `attention`: "fast" (batched matmuls), "triton" (a Triton kernel, CUDA) or "eager" (reference).
         `record_views`: put each fed worker's exact view (token ids) into its StepRecord (for inspection
         and tests; it copies every view, every step).
@@ -350,6 +354,7 @@ class HogwildEngine:
                 stop=stops,
                 timeout_s=timeout_s,
                 max_context=max_context,
+                max_forward_passes=max_forward_passes,
             ),
             attention=attention,
             prompt_ids=list(prompt) if token_prompt else None,

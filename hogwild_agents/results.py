@@ -111,6 +111,7 @@ class HogwildResult:
     steps: int
     finish_reason: FinishReason
     trace: list[TraceEvent] = field(default_factory=list)
+    forward_passes: int = 0  # forwards after the prompt and headers: steps, chunked writes, the finisher
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ PARAGRAPH_BREAK = "\n\n"  # what ends a step written by a tool call
 WRITE_CHUNK = 256  # tokens per forward of any multi-token write: prompt, injected, forced or tool text
 DECODE_CONTEXT = 8  # tokens of left context when decoding a stream's newest text
 FINISHER_TOKENS = 32  # tokens the finisher's answer may take
+MIN_FORWARD_PASSES = 2  # the smallest forward-pass cap: one step and the forward that feeds its tokens
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,13 @@ class RunLimits:
     stop: tuple[str, ...] = ()
     timeout_s: float | None = None  # wall-clock limit of the run; workers then finish with "timeout"
     max_context: int | None = None
+    max_forward_passes: int | None = None  # forwards after the prompt, the finisher's answer included
 
     def __post_init__(self) -> None:
         validation.timeout(self.timeout_s, "timeout_s")
         validation.positive_integer(self.max_new_tokens, "max_new_tokens")
+        if self.max_forward_passes is not None:  # one step, and the forward that feeds its tokens
+            validation.integer(self.max_forward_passes, "max_forward_passes", MIN_FORWARD_PASSES)
         if self.max_total_tokens is not None:
             validation.positive_integer(self.max_total_tokens, "max_total_tokens")
         if self.max_context is not None:
@@ -194,6 +198,7 @@ class HogwildRun:
         self._generator = self.sampling.generator()
         self.started = time.monotonic()
         self.steps_taken = 0
+        self.forward_passes = 0  # forwards after the prompt and headers (steps, chunked writes, answers)
         self.forward_tokens = 0
         self.reused_tokens = 0
         self._setup_done = False
@@ -412,6 +417,7 @@ class HogwildRun:
         for row in rows:
             self.cache.commit(row.target.group, row.target.slot, row.token_ids)
         self.forward_tokens += sum(len(r.token_ids) for r in rows)
+        self.forward_passes += self._setup_done
         return logits
 
     def _shared_row(self, ids: Sequence[int]) -> RowPlan:
@@ -571,10 +577,12 @@ class HogwildRun:
             if w.stream[-len(ids) :] == ids:
                 self._find_tool_calls(w, record, self._emit(w, record, len(ids), source))
         budget = self.limits.max_total_tokens
-        if budget is not None and not self._concluding and sum(w.generated for w in self.workers) >= budget:
+        spent = budget is not None and sum(w.generated for w in self.workers) >= budget
+        if not self._concluding and (spent or self._forward_cap_near()):
             for w in self.workers:
                 if not w.finished:
                     self._finish(w, "length")
+                    w.waiting_calls, w.waiting = [], None
         record.finished.update(
             {i: self.workers[i].finish_reason for i in running if self.workers[i].finished}
         )
@@ -726,6 +734,15 @@ class HogwildRun:
         ):
             worker.closing = True
 
+    def _forward_cap_near(self) -> bool:
+        """Only the forwards that end the run are left under `max_forward_passes`: one that feeds the
+        tokens just chosen and, with a finisher, the forced finisher and its answer."""
+        cap = self.limits.max_forward_passes
+        if cap is None:
+            return False
+        ending = 1 + (1 + FINISHER_TOKENS if self.script.finisher else 0)
+        return self.forward_passes + ending >= cap
+
     def _answer_complete(self, worker: WorkerState) -> bool:
         """The finisher's answer ends at a complete answer, a paragraph break or a stop string."""
         text = worker.text
@@ -787,6 +804,11 @@ class HogwildRun:
         state = self.workers[worker]
         if self.view_length(worker) + len(self.engine.encode(self.script.finisher)) + 1 > self._max_positions:
             return False  # no room left for the answer
+        cap = self.limits.max_forward_passes
+        if cap is not None:  # an answer of m tokens takes m + 1 forwards (the finisher's, m - 1, the last)
+            max_tokens = min(max_tokens, cap - self.forward_passes - 1)
+            if max_tokens < 1:
+                return False
         self._concluding = True
         state.finish_reason = None
         state.answering = True
@@ -844,6 +866,7 @@ class HogwildRun:
             steps=self.steps_taken,
             finish_reason=next((r for r in ("cancelled", "timeout", "length") if r in reasons), "stop"),
             trace=list(self.trace),
+            forward_passes=self.forward_passes,
         )
 
 

@@ -37,11 +37,12 @@ class CountingEngine:
 
 class FakeEngine:
     """Answers at once, without a model: right when `seed + n_workers + budget` is even, else wrong;
-    every worker writes its whole budget (naming the seed) and the run takes budget + 2 steps."""
+    every worker writes its whole budget (naming the seed) and the run takes its forward-pass cap
+    (without one, budget + 2 forwards)."""
 
     model = SimpleNamespace(name_or_path="fake-model")
 
-    def generate(self, prompt, *, n_workers=1, max_new_tokens=8, seed=0, **options):
+    def generate(self, prompt, *, n_workers=1, max_new_tokens=8, seed=0, max_forward_passes=None, **options):
         gold = GOLD[prompt[0]["content"]]
         answer = gold if (seed + n_workers + max_new_tokens) % 2 == 0 else gold + "1"
         names = ["Alice", "Bob", "Carol", "Dave"][:n_workers]
@@ -55,6 +56,7 @@ class FakeEngine:
             steps=max_new_tokens + 2,
             finish_reason="length",
             trace=[TraceEvent(0, i, "sampled", text + "\n") for i in range(n_workers)],
+            forward_passes=max_forward_passes or max_new_tokens + 2,
         )
 
 
@@ -74,11 +76,15 @@ def tiny_eval(
     seeds=(0,),
     protocols=("collaborate",),
     model=None,
+    budget_unit="tokens",
 ):
-    """Both problems x (1 worker, Hogwild x2, message passing x2, vote of 2) x `budgets` x `seeds`."""
+    """Both problems x (1 worker, Hogwild x2, idealised message passing x2, vote of 2) x `budgets` x
+    `seeds` (budgets in tokens per worker unless told)."""
     dataset = Dataset("tiny", PROBLEMS)
-    configs = build_grid([1, 2], list(protocols), ["combined"])
-    settings = EvalSettings(budgets=budgets, temperature=temperature, batch_size=batch_size, seeds=seeds)
+    configs = build_grid([1, 2], list(protocols), ["combined"], ("single", "vote", "msgpass"))
+    settings = EvalSettings(
+        budgets=budgets, temperature=temperature, batch_size=batch_size, seeds=seeds, budget_unit=budget_unit
+    )
     checker = make_checker("auto", dataset)
     return run_eval(
         engine, dataset, configs, settings, store, checker, progress=False, on_row=on_row, model=model

@@ -135,7 +135,8 @@ def test_the_report_renders_in_headless_chromium(tmp_path):
     assert page == out / "report.html" and (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     text = page.read_text(encoding="utf-8")
     assert not re.search(r'(src|href)="(https?:)?//', text)  # self-contained: nothing from elsewhere
-    assert "Vote of 2 \u00b7 collaborate" in text and "Message passing \u00d72" in text
+    assert "Vote of 2 \u00b7 collaborate" in text
+    assert "Message passing, shared cache (idealised) \u00d72" in text
     links = _links(page)
     assert len(links) == 2 * 2 * (1 + 1 + 1 + 2)  # problems x budgets x runs (a vote links each sample)
     assert all((out / link).is_file() for link in links)

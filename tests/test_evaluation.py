@@ -26,7 +26,7 @@ from hogwild_agents.evaluation import (
 )
 from hogwild_agents.evaluation.checkers import majority, normalise, parse_number
 from hogwild_agents.evaluation.datasets import Dataset, Problem
-from hogwild_agents.evaluation.runner import protocol_fingerprint, run_batch
+from hogwild_agents.evaluation.runner import protocol_fingerprint, run_batch, run_eval
 from hogwild_agents.protocol import Protocol
 from tests.eval_helpers import PROBLEMS, CountingEngine, FakeEngine, right, tiny_eval
 
@@ -236,11 +236,13 @@ def test_the_grid_holds_every_configuration_and_the_baselines_once():
         "msgpass-x2/collaborate",
         "hogwild-combined-x2/check_redundancy",
         "msgpass-x2/check_redundancy",
+        "reprefill-x2/collaborate",
         "vote-x2/collaborate",
         "hogwild-combined-x4/collaborate",
         "msgpass-x4/collaborate",
         "hogwild-combined-x4/check_redundancy",
         "msgpass-x4/check_redundancy",
+        "reprefill-x4/collaborate",
         "vote-x4/collaborate",
     ]
     assert Config("vote", 4, "collaborate").label == "Vote of 4 \u00b7 collaborate"
@@ -253,6 +255,9 @@ def test_runs_are_shared_between_configurations():
     assert len({*vote4.runs(8), *vote4.runs(16)}) == 8
     assert not set(vote4.runs(8, seed=0)) & set(vote4.runs(8, seed=1))
     assert Config("msgpass", 2, "p", "interleaved").runs(8)[0].layout == "interleaved"
+    assert Config("reprefill", 2, "p", "reprefill").runs(8)[0].layout == "reprefill"
+    assert "re-prefill" in Config("reprefill", 2, "p").label
+    assert "idealised" in Config("msgpass", 2, "p").label
 
 
 def test_bad_grids_are_refused():
@@ -456,28 +461,29 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
     monkeypatch.setattr(HogwildEngine, "from_pretrained", classmethod(lambda cls, *a, **k: engine))
     data = _jsonl(tmp_path, {"question": "What is 3 + 4?", "answer": "7"})
     out = tmp_path / "out"
-    argv = ["eval", data, "--workers", "1,2", "--budgets", "4", "--out", str(out), "--quiet"]
+    argv = ["eval", data, "--workers", "1,2", "--budgets", "40", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "Vote of 2" in text and "Message passing" in text and f"report: {out / 'report.html'}" in text
     with sqlite3.connect(out / "results.sqlite") as db:
         rows = db.execute("SELECT config, answer, tokens, forward_passes FROM results").fetchall()
         runs = db.execute("SELECT n_workers, layout, sample, generated_tokens FROM runs").fetchall()
-    assert len(rows) == 4
+    assert len(rows) == 5
     assert sorted((n, layout, seed) for n, layout, seed, _ in runs) == [
         (1, "combined", 0),
         (1, "combined", 1),
         (2, "combined", 0),
         (2, "interleaved", 0),
+        (2, "reprefill", 0),
     ]
-    assert all(passes > 0 and tokens > 0 for _, _, tokens, passes in rows)
+    assert all(0 < passes <= 40 and tokens > 0 for _, _, tokens, passes in rows)
     assert any(answer is not None for _, answer, _, _ in rows)  # the finisher gets an answer out
     assert (out / "accuracy.png").stat().st_size > 10_000
     with sqlite3.connect(out / "results.sqlite") as db:
         page = zlib.decompress(db.execute("SELECT transcript FROM runs").fetchone()[0]).decode()
     prompt = page.split("<h2>Prompt</h2>", 1)[1].split("</pre>", 1)[0]
     assert "im_start" in prompt and "What is 3 + 4?" in prompt  # the full prompt, chat template included
-    assert len(engine.calls) == 4
+    assert len(engine.calls) == 4  # the re-prefill agents run on their own driver, not `generate`
     assert main(argv) == 0
     assert len(engine.calls) == 4  # everything is stored: nothing runs again
     with pytest.raises(SystemExit, match=r"temperature: database '0\.6', now '0\.9'"):
@@ -488,7 +494,7 @@ def test_eval_runs_end_to_end_on_the_embedded_model(smol_engine, tmp_path, monke
 
 def test_run_grid_returns_one_row_per_problem_configuration_budget_and_seed(tmp_path, capsys):
     dataset = Dataset("tiny", PROBLEMS)
-    configs = build_grid([1, 2], ["collaborate"], ["combined"])
+    configs = build_grid([1, 2], ["collaborate"], ["combined"], ["single", "vote", "msgpass"])
     settings = EvalSettings(budgets=(2, 3), seeds=(0, 5))
     db = tmp_path / "r.sqlite"
     frame = run_grid(FakeEngine(), dataset, configs, settings, db=db)
@@ -512,3 +518,29 @@ def test_run_grid_returns_one_row_per_problem_configuration_budget_and_seed(tmp_
     except ImportError:
         with pytest.raises(SystemExit, match="pip install pyarrow"):
             main(["eval-report", str(db), "--parquet", str(tmp_path / "rows.parquet")])
+
+
+def test_every_method_stays_within_its_forward_pass_budget(tiny_engines, tmp_path):
+    """One x-grid: at each forward-pass budget every method's runs take at most that many forwards
+    (headers, re-prefills and the finisher included), and re-prefilling embeds more than sharing."""
+    engine = tiny_engines["llama"]
+    dataset = Dataset("tiny", PROBLEMS[:1])
+    configs = build_grid([1, 2], ["collaborate"], ["combined", "contiguous", "interleaved"])
+    assert {c.method for c in configs} == {"single", "hogwild", "msgpass", "reprefill", "vote"}
+    settings = EvalSettings(budgets=(6, 48), sync_every=8, budget_unit="forwards")
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        checker = make_checker("auto", dataset)
+        rows = run_eval(engine, dataset, configs, settings, store, checker, model="tiny", progress=False)
+        runs = store.db.execute("SELECT layout, budget, forward_passes FROM runs").fetchall()
+        assert store.meta()["budget_unit"] == "forwards"
+    assert len(rows) == len(configs) * 2
+    assert all(0 < row.forward_passes <= row.budget for row in rows)
+    assert {layout for layout, _, _ in runs} == {"combined", "contiguous", "interleaved", "reprefill"}
+    assert all(0 < passes <= budget for _, budget, passes in runs)
+    by_config = {(row.config.split("@")[0], row.budget): row for row in rows}
+    shared = by_config["hogwild-combined-x2/collaborate", 48]
+    assert by_config["reprefill-x2/collaborate", 48].forward_tokens > shared.forward_tokens
+    with pytest.raises(EvalError, match="at least 2"):
+        EvalSettings(budgets=(1,)).check(configs)
+    with pytest.raises(EvalError, match="budget-unit"):
+        EvalSettings(budgets=(8,), budget_unit="steps").check(configs)

@@ -107,3 +107,39 @@ def test_the_finisher_answers_greedily_and_leaves_the_run_sampling(tiny_engines)
     assert sampled  # the answer was written by choosing tokens, each the most likely one
     for record in sampled:
         assert record.chosen[finisher.index] == [int(record.logits[finisher.index].argmax())]
+
+
+@pytest.mark.parametrize(
+    ("layout", "n_workers", "protocol"),
+    [
+        ("combined", 1, "collaborate"),
+        ("combined", 3, "collaborate"),
+        ("interleaved", 2, "collaborate"),
+        ("contiguous", 2, "collaborate"),
+        ("combined", 1, None),
+    ],
+)
+def test_max_forward_passes_caps_the_run_with_the_finisher_inside(tiny_engines, layout, n_workers, protocol):
+    engine = tiny_engines["llama"]
+    options = dict(n_workers=n_workers, layout=layout, protocol=protocol, max_new_tokens=500, seed=1)
+    for cap in (2, 9, 40, 70):
+        result = engine.generate(MESSAGES if protocol else PROMPT, max_forward_passes=cap, **options)
+        assert 0 < result.forward_passes <= cap
+        if protocol is not None and cap >= 40:  # room for the finisher: it answers inside the cap
+            assert any(e.kind == "forced" for e in result.trace) and result.final_text
+    free = engine.generate(MESSAGES if protocol else PROMPT, **{**options, "max_new_tokens": 12})
+    assert free.forward_passes >= free.steps - 1 > 0  # counted without a cap too
+
+
+def test_max_forward_passes_counts_injected_blocks_and_refuses_bad_caps(tiny_engines):
+    engine = tiny_engines["llama"]
+    run = engine.start(PROMPT, n_workers=2, max_new_tokens=100, max_forward_passes=12)
+    run.step()
+    run.inject(" a shared note " * 100)  # 301+ tokens: two chunked forwards
+    while not run.done:
+        run.step()
+    result = run.result()
+    assert result.forward_passes <= 12 and result.forward_passes >= 3
+    for bad in (1, 0, 2.5, "8"):
+        with pytest.raises(InvalidArgumentError, match="max_forward_passes"):
+            engine.start(PROMPT, max_forward_passes=bad)

@@ -16,8 +16,9 @@ from hogwild_agents.evaluation.checkers import CHECKERS, DEFAULT_TOLERANCE, make
 from hogwild_agents.evaluation.datasets import ANSWER_FIELDS, DEFAULT_GYM_SIZE, QUESTION_FIELDS, load_dataset
 from hogwild_agents.evaluation.frame import export
 from hogwild_agents.evaluation.grid import BASELINES, NO_PROTOCOL, build_grid, parse_list
+from hogwild_agents.evaluation.message_passing import SYNC_EVERY
 from hogwild_agents.evaluation.report import summarise, write_report
-from hogwild_agents.evaluation.runner import EvalSettings, run_eval
+from hogwild_agents.evaluation.runner import BUDGET_UNITS, EvalSettings, run_eval
 from hogwild_agents.evaluation.store import ResultStore
 from hogwild_agents.protocol import Protocol
 
@@ -55,13 +56,28 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--budgets",
         default="256,512,1024",
-        help="tokens each worker may write, per run (default 256,512,1024)",
+        help="caps per run, in --budget-unit (default 256,512,1024 forward passes)",
+    )
+    ev.add_argument(
+        "--budget-unit",
+        choices=BUDGET_UNITS,
+        default="forwards",
+        help="forwards: forward passes per run, every method capped alike, the finisher inside the cap "
+        "(one x-grid); tokens: tokens each worker writes (default forwards)",
     )
     ev.add_argument(
         "--baselines",
         default=",".join(BASELINES),
-        help="single (one worker), vote (N independent samples, majority vote), msgpass (N workers seeing "
-        "each other only at step ends); comma-separated, or none (default: all)",
+        help="single (one worker), vote (N independent samples, majority vote), msgpass (idealised "
+        "message passing: N workers seeing each other's finished steps on the shared cache), reprefill "
+        "(message passing in N separate sequences, each re-prefilling the others' text every "
+        "--sync-every tokens); comma-separated, or none (default: all)",
+    )
+    ev.add_argument(
+        "--sync-every",
+        type=int,
+        default=SYNC_EVERY,
+        help=f"tokens between the reprefill baseline's syncs (default {SYNC_EVERY})",
     )
     ev.add_argument(
         "--baseline-protocol",
@@ -196,6 +212,8 @@ def _eval(args: argparse.Namespace) -> int:
         attention=args.attention,
         batch_size=args.batch_size,
         interjection_period=args.interjection_period,
+        budget_unit=args.budget_unit,
+        sync_every=args.sync_every,
     )
     settings.check(configs)
     for name in {c.protocol for c in configs}:

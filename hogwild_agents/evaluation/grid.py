@@ -2,18 +2,21 @@
 
 Methods (paper, section 4):
 - `hogwild`: N workers over one shared cache, with a protocol and a layout (contiguous or combined).
-- `msgpass`: message passing: N workers that see each other only at step ends (the `interleaved`
-  layout: finished steps join a shared history, others' steps in progress stay invisible).
+- `msgpass`: idealised message passing: N workers that see each other only at step ends, on the shared
+  cache (the `interleaved` layout: finished steps join a shared history, others' steps in progress
+  stay invisible); it re-encodes nothing, so it pays none of message passing's cost.
+- `reprefill`: message passing as it runs without a shared cache: N agents, each its own sequence,
+  every K tokens each re-prefilling what the others wrote (`evaluation.message_passing`).
 - `single`: one worker.
 - `vote`: self-consistency: N independent one-worker runs, majority vote.
 
-The baselines (`single`, `vote`, `msgpass`) use one protocol, the baseline protocol (default: the first
-one given; `none`: the plain prompt, no collaboration text). A run is identified by its `RunSpec`, so
-configurations that need the same run share it: a vote of 4 reuses the vote of 2's samples and the
-single run (its sample 0). Configurations and runs are keyed by content: the protocol's fingerprint (a
-hash of what its template renders and of its options, not of its path) is part of both keys, so an
-edited template gives new runs. Every run's sampling seed is a hash of the replicate seed, the run's
-spec, its vote sample and the problem (`run_seed`): no two runs share a random stream.
+The baselines (`single`, `vote`, `msgpass`, `reprefill`) use one protocol, the baseline protocol
+(default: the first one given; `none`: the plain prompt, no collaboration text). A run is identified by
+its `RunSpec`, so configurations that need the same run share it: a vote of 4 reuses the vote of 2's
+samples and the single run (its sample 0). Configurations and runs are keyed by content: the protocol's
+fingerprint (a hash of what its template renders and of its options, not of its path) is part of both
+keys, so an edited template gives new runs. Every run's sampling seed is a hash of the replicate seed,
+the run's spec, its vote sample and the problem (`run_seed`): no two runs share a random stream.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from typing import Any
 from hogwild_agents.errors import EvalError
 from hogwild_agents.views import LAYOUTS
 
-METHODS = ("single", "hogwild", "msgpass", "vote")
-BASELINES = ("single", "vote", "msgpass")
+METHODS = ("single", "hogwild", "msgpass", "reprefill", "vote")
+BASELINES = ("single", "vote", "msgpass", "reprefill")
 MESSAGE_PASSING_LAYOUT = "interleaved"
+REPREFILL_LAYOUT = "reprefill"  # a RunSpec layout: agents in their own sequences, re-prefilled every K
 NO_PROTOCOL = "none"  # the plain prompt (the baseline protocol may be none)
 
 
@@ -41,7 +45,7 @@ class RunSpec:
     protocol_hash: str  # the protocol's content fingerprint ("" when unknown)
     n_workers: int
     layout: str
-    budget: int  # max_new_tokens: each worker writes at most this many tokens
+    budget: int  # the cap: forward passes of the run, or tokens each worker writes (the eval's unit)
     seed: int  # the replicate seed
     sample: int  # the vote sample (0 for every other method)
 
@@ -85,7 +89,8 @@ class Config:
         head = {
             "single": "1 worker",
             "hogwild": f"Hogwild {self.layout} \u00d7{self.workers}",
-            "msgpass": f"Message passing \u00d7{self.workers}",
+            "msgpass": f"Message passing, shared cache (idealised) \u00d7{self.workers}",
+            "reprefill": f"Message passing, re-prefill \u00d7{self.workers}",
             "vote": f"Vote of {self.workers}",
         }[self.method]
         return f"{head} \u00b7 {self.protocol}"
@@ -96,7 +101,7 @@ class Config:
         if self.method == "vote":
             return [RunSpec(name, digest, 1, "combined", budget, seed, k) for k in range(self.workers)]
         n_workers = 1 if self.method == "single" else self.workers
-        layout = "combined" if self.method == "single" else self.layout
+        layout = {"single": "combined", "reprefill": REPREFILL_LAYOUT}.get(self.method, self.layout)
         return [RunSpec(name, digest, n_workers, layout, budget, seed, 0)]
 
 
@@ -110,8 +115,8 @@ def build_grid(
     """Every configuration of the grid, baselines included, without duplicates, in plotting order.
 
     Each N > 1 in `workers` gives a hogwild configuration per protocol and layout (layout `interleaved`
-    is message passing), plus the `vote` and `msgpass` baselines with N workers; N = 1 (or the `single`
-    baseline) gives the one-worker configuration."""
+    is message passing), plus the `vote`, `msgpass` and `reprefill` baselines with N workers; N = 1 (or
+    the `single` baseline) gives the one-worker configuration."""
     if not workers or any(not isinstance(n, int) or n < 1 for n in workers):
         raise EvalError(f"--workers must list positive worker counts, got {list(workers)}.")
     if not protocols:
@@ -135,6 +140,8 @@ def build_grid(
                     configs.append(Config("hogwild", n, protocol, layout))
         if "msgpass" in baselines:
             configs.append(Config("msgpass", n, base, MESSAGE_PASSING_LAYOUT))
+        if "reprefill" in baselines:
+            configs.append(Config("reprefill", n, base, REPREFILL_LAYOUT))
         if "vote" in baselines:
             configs.append(Config("vote", n, base))
     return list(dict.fromkeys(configs))

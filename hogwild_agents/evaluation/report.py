@@ -3,11 +3,13 @@ self-contained HTML page (the picture embedded) with every problem's answers lin
 of their runs. Given two databases, it puts them side by side: both in one plot (the second dashed)
 and their accuracies in one table.
 
-Forward passes are the decode steps of a run (one forward each, the finisher's included, the prompt's
-prefill not). A vote's samples run side by side in one batch, so a vote counts the forward passes and
-the wall time of its longest sample (its latency) and the tokens of all its samples (its cost). Wall
-time is measured per run, from its own start to its own end inside the batch. Costs per correct answer
-are a point's total tokens, forward passes and seconds over its correct rows.
+Forward passes are a run's forwards after its prompt (every step, chunked write, re-prefill and the
+finisher's answer; the prompt's prefill not); with forward-pass budgets every method is capped at the
+budget, so the left plot's x-axis is the budget itself. A vote's samples run side by side in one batch,
+so a vote counts the forward passes and the wall time of its longest sample (its latency) and the tokens
+of all its samples (its cost). Wall time is measured per run, from its own start to its own end inside
+the batch. Costs per correct answer are a point's total tokens, forward passes and seconds over its
+correct rows.
 """
 
 from __future__ import annotations
@@ -145,16 +147,23 @@ def paired_tests(rows: Sequence[ResultRow], configs: Sequence[Config]) -> list[P
 # ---- the picture ------------------------------------------------------------------------------
 
 
+def by_forwards(source: Source) -> bool:
+    """Whether the database's budgets are forward-pass caps (else tokens per worker)."""
+    return source.meta.get("budget_unit", "tokens") == "forwards"
+
+
 def plot_png(sources: Sequence[Source]) -> bytes:
-    """Accuracy against mean forward passes (left) and mean wall time (right), one line per
-    configuration (per database: solid, then dashed); budgets label the points."""
+    """Accuracy against the forward-pass budget (every method capped alike: one x-grid; with token
+    budgets, the mean forward passes measured), against mean tokens and against mean wall time, one line
+    per configuration (per database: solid, then dashed), 95% intervals, n in the legend."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         raise EvalError(f"The eval report needs matplotlib; {INSTALL_HINT}.") from None
-    figure = Figure(figsize=(11, 5.2), dpi=100)
-    passes, wall = figure.subplots(1, 2)
+    figure = Figure(figsize=(15, 5.4), dpi=100)
+    passes, tokens, wall = figure.subplots(1, 3)
+    forwards = all(by_forwards(s) for s in sources)
     line = 0
     budget_x: dict[int, list[float]] = defaultdict(list)
     for source in sources:
@@ -171,16 +180,18 @@ def plot_png(sources: Sequence[Source]) -> bytes:
                 [100 * (p.interval[1] - p.accuracy) for p in points],
             ]
             label += f" (n={points[-1].problems})"
+            first_x = [float(p.budget) if forwards else p.forward_passes for p in points]
             for axis, xs in (
-                (passes, [p.forward_passes for p in points]),
+                (passes, first_x),
+                (tokens, [p.tokens for p in points]),
                 (wall, [p.wall_s for p in points]),
             ):
                 axis.errorbar(
                     xs, accuracy, yerr=error, color=colour, linestyle=style, marker=marker,
                     markersize=4, capsize=2, label=label if axis is passes else None,
                 )  # fmt: skip
-            for p in points:
-                budget_x[p.budget].append(p.forward_passes)
+            for p, x in zip(points, first_x, strict=True):
+                budget_x[p.budget].append(x)
     for budget, xs in sorted(budget_x.items()):  # each budget labelled once, above the plot
         x = sorted(xs)[len(xs) // 2]
         passes.axvline(x, color="#bbbbbb", linestyle=":", linewidth=0.8, zorder=0)
@@ -188,8 +199,10 @@ def plot_png(sources: Sequence[Source]) -> bytes:
             str(budget), (x, 1.0), xycoords=("data", "axes fraction"), textcoords="offset points",
             xytext=(0, 2), ha="center", va="bottom", fontsize=7, color="#555555",
         )  # fmt: skip
+    first_label = "forward-pass budget per problem (cap)" if forwards else "forward passes per problem (mean)"
     for axis, what in (
-        (passes, "forward passes per problem (mean)"),
+        (passes, first_label),
+        (tokens, "tokens generated per problem (mean, all workers)"),
         (wall, "wall time per problem (s, mean)"),
     ):
         axis.set_xlabel(what)
@@ -201,11 +214,13 @@ def plot_png(sources: Sequence[Source]) -> bytes:
             axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             axis.xaxis.set_minor_formatter(NullFormatter())
     first = sources[0].meta
-    title = f"{first.get('dataset', '')} \u00b7 {first.get('model', '')} (budgets above the left plot)"
-    figure.suptitle(textwrap.fill(title, 120), fontsize=10)
+    unit = "forward passes" if forwards else "tokens per worker"
+    title = f"{first.get('dataset', '')} \u00b7 {first.get('model', '')}"
+    title += f" (budgets in {unit}, above the left plot)"
+    figure.suptitle(textwrap.fill(title, 150), fontsize=10)
     handles, labels = passes.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    rows = (len(labels) + 1) // 2
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    rows = (len(labels) + 2) // 3
     figure.tight_layout(rect=(0, min(0.5, 0.05 + 0.045 * rows), 1, 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -294,6 +309,15 @@ def _names(databases: Sequence[str | Path]) -> list[str]:
     return [f"{i + 1}:{p.stem}" for i, p in enumerate(paths)]
 
 
+def _budget_note(sources: Sequence[Source]) -> str:
+    if all(by_forwards(s) for s in sources):
+        return (
+            "Each budget caps the forward passes of every run of every method alike; near the cap the "
+            "workers stop and the finisher asks for the answer inside it."
+        )
+    return "Each budget caps the tokens every worker writes; then the finisher asks for the answer."
+
+
 def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str], difference: str | None) -> str:
     esc = html.escape
     compare = len(sources) > 1
@@ -306,13 +330,14 @@ def _page(sources: Sequence[Source], png: bytes, sections: Sequence[str], differ
 <h1>{title}</h1>
 {f'<p class="bad">Warning: {esc(difference)}.</p>' if difference else ""}
 {_settings_table(sources)}
-<h2>Accuracy against forward passes and wall time</h2>
-<img class="plot" alt="accuracy against forward passes and wall time" src="data:image/png;base64,{image}">
-<p class="meta">Forward passes: decode steps of a run (one forward each, the finisher's included, the
-prefill not); a vote counts its longest sample, for forward passes and wall time alike (its samples run
-side by side), and the tokens of all samples. Wall time: each run's own start to end. Error bars: Wilson 95%
-intervals over the n (problem, seed) rows of each point. Each budget caps the tokens every worker
-writes; then the finisher asks for the answer.</p>
+<h2>Accuracy against forward passes, tokens and wall time</h2>
+<img class="plot" alt="accuracy against forward passes, tokens and wall time"
+ src="data:image/png;base64,{image}">
+<p class="meta">Forward passes: a run's forwards after its prompt (steps, chunked writes, re-prefills and
+the finisher's answer, the prefill not); a vote counts its longest sample, for forward passes and wall
+time alike (its samples run side by side), and the tokens of all samples. Wall time: each run's own start
+to end. Error bars: Wilson 95% intervals over the n (problem, seed) rows of each point.
+{_budget_note(sources)}</p>
 <h2>Accuracy per configuration and budget</h2>
 {summary}
 {"".join(_significance_table(s) for s in sources)}

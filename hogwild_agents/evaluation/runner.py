@@ -1,13 +1,16 @@
 """The eval loop: every problem x configuration x budget x replicate seed, many problems per engine
 call, resumable.
 
-Each budget is its own run with `max_new_tokens=budget` (every worker writes at most `budget` tokens);
-when it ends without an answer the protocol's finisher makes one worker answer ("answer if stopped
-now", as in the paper). The answer is the protocol's final-answer extraction (`HogwildResult.answer`).
-Runs are stored as they finish and rows as soon as their runs are in, so an interrupted eval resumes
-where it stopped: rows already present are skipped, runs already present are reused. The settings
-every row depends on are checked against the database before the engine is loaded (`engine` may be a
-loader: a callable without `generate`, called only once the check has passed).
+Each budget is its own run capped at `budget` forward passes (`max_forward_passes`: every forward after
+the prompt counts, headers, interjections, re-prefills and the finisher's answer included), so every
+method lands on one x-grid; with `budget_unit="tokens"` the cap is instead the tokens each worker writes
+(`max_new_tokens`). When a run ends without an answer the protocol's finisher makes one worker answer
+("answer if stopped now", as in the paper), inside the cap. The answer is the protocol's final-answer
+extraction (`HogwildResult.answer`). Runs are stored as they finish and rows as soon as their runs are
+in, so an interrupted eval resumes where it stopped: rows already present are skipped, runs already
+present are reused. The settings every row depends on are checked against the database before the engine
+is loaded (`engine` may be a loader: a callable without `generate`, called only once the check has
+passed).
 
 Wall time is measured per run, from its own start to its own end inside the batch (engines with
 `submit`); a vote's samples run side by side, so a vote counts the forward passes AND the wall time of
@@ -37,16 +40,22 @@ from rich.progress import (
 from hogwild_agents.errors import EvalError
 from hogwild_agents.evaluation.checkers import Checker, majority
 from hogwild_agents.evaluation.datasets import Dataset, Problem
-from hogwild_agents.evaluation.grid import NO_PROTOCOL, Config, RunSpec
+from hogwild_agents.evaluation.grid import NO_PROTOCOL, REPREFILL_LAYOUT, Config, RunSpec
+from hogwild_agents.evaluation.message_passing import SYNC_EVERY, run_reprefill
 from hogwild_agents.evaluation.store import ResultRow, ResultStore, RunRecord
 from hogwild_agents.protocol import Protocol
 from hogwild_agents.results import HogwildResult
+from hogwild_agents.run import MIN_FORWARD_PASSES
 from hogwild_agents.transcript import render_html
+
+BUDGET_UNITS = ("forwards", "tokens")
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How runs are made. `batch_size`: problems submitted together (and rows per progress chunk)."""
+    """How runs are made. `budgets`: caps in `budget_unit` ("forwards": forward passes per run;
+    "tokens": tokens per worker). `sync_every`: tokens between the re-prefill baseline's syncs.
+    `batch_size`: problems submitted together (and rows per progress chunk)."""
 
     budgets: tuple[int, ...]
     seeds: tuple[int, ...] = (0,)  # replicate seeds (each one a full pass over the grid)
@@ -58,10 +67,21 @@ class EvalSettings:
     sample_seed: int = 0  # the seed of the problem sample (recorded; the dataset is sampled with it)
     dtype: str = "auto"  # recorded: what the engine was loaded with
     device: str = "auto"
+    budget_unit: str = "forwards"
+    sync_every: int = SYNC_EVERY
 
     def check(self, configs: Sequence[Config]) -> None:
-        if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
-            raise EvalError(f"--budgets must list positive token budgets, got {list(self.budgets)}.")
+        if self.budget_unit not in BUDGET_UNITS:
+            units = ", ".join(BUDGET_UNITS)
+            raise EvalError(f"--budget-unit must be one of {units}, got {self.budget_unit!r}.")
+        least = MIN_FORWARD_PASSES if self.budget_unit == "forwards" else 1
+        if not self.budgets or any(not isinstance(b, int) or b < least for b in self.budgets):
+            raise EvalError(
+                f"--budgets must list {self.budget_unit} per run, each at least {least}, "
+                f"got {list(self.budgets)}."
+            )
+        if self.sync_every < 1:
+            raise EvalError(f"--sync-every must be at least 1, got {self.sync_every}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise EvalError(f"--seeds must list distinct replicate seeds, got {list(self.seeds)}.")
         if self.batch_size < 1:
@@ -202,6 +222,8 @@ def eval_meta(dataset: Dataset, settings: EvalSettings, checker: Checker, model:
         "device": settings.device,
         "attention": settings.attention,
         "batch_size": settings.batch_size,
+        "budget_unit": settings.budget_unit,
+        "sync_every": settings.sync_every,
         "version": package_version(),
     }
     if settings.interjection_period is not None:
@@ -296,29 +318,49 @@ class _Work:
                     jobs.setdefault((problem.id, spec), problem)
         if jobs:
             self.report(_describe(next(iter(jobs))[1]))
+            batched = {key: p for key, p in jobs.items() if key[1].layout != REPREFILL_LAYOUT}
             batch = [
                 ([{"role": "user", "content": problem.question}], self._options(spec, problem))
-                for (_, spec), problem in jobs.items()
+                for (_, spec), problem in batched.items()
             ]
             for ((_, spec), problem), (prompt, options), (result, wall_s) in zip(
-                jobs.items(), batch, run_batch(self.engine, batch), strict=True
+                batched.items(), batch, run_batch(self.engine, batch), strict=True
             ):
                 self._store_run(problem, spec, options["seed"], prompt, result, wall_s)
                 have.add((problem.id, spec))
                 self.advance(spec.budget)
+            for (_, spec), problem in jobs.items():
+                if spec.layout == REPREFILL_LAYOUT:  # agents in their own sequences, one run at a time
+                    self._run_reprefill(problem, spec)
+                    have.add((problem.id, spec))
+                    self.advance(spec.budget)
         self._store_rows(chunk, have)
 
+    def _run_reprefill(self, problem: Problem, spec: RunSpec) -> None:
+        """The re-prefill message-passing baseline's run of `problem` (its own driver), stored."""
+        self.report(_describe(spec))
+        prompt = [{"role": "user", "content": problem.question}]
+        options = self._options(spec, problem)
+        start = time.perf_counter()
+        result = run_reprefill(
+            self.engine, prompt, n_agents=spec.n_workers, sync_every=self.settings.sync_every, **options
+        )
+        self._store_run(problem, spec, options["seed"], prompt, result, time.perf_counter() - start)
+
     def _options(self, spec: RunSpec, problem: Problem) -> dict[str, Any]:
-        return dict(
+        options = dict(
             n_workers=spec.n_workers,
             layout=spec.layout,
             protocol=self.protocols[spec.protocol, spec.protocol_hash],
-            max_new_tokens=spec.budget,
+            max_new_tokens=spec.budget,  # by forwards too: a worker writes at most one token per forward
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
             seed=spec.run_seed(problem.id),
             attention=self.settings.attention,
         )
+        if self.settings.budget_unit == "forwards":
+            options["max_forward_passes"] = spec.budget
+        return options
 
     def _store_run(
         self,
@@ -336,7 +378,7 @@ class _Work:
             run_seed=run_seed,
             answer=answer,
             generated_tokens=result.usage.generated_tokens,
-            steps=result.steps,
+            forward_passes=result.forward_passes,
             forward_tokens=result.usage.forward_tokens,
             wall_s=wall_s,
             finish_reason=result.finish_reason,
@@ -350,7 +392,8 @@ class _Work:
         if script is not None:
             try:
                 protocol = self.protocols[spec.protocol, spec.protocol_hash]
-                return script(prompt, spec.n_workers, spec.layout, protocol, []).prompt
+                layout = "interleaved" if spec.layout == REPREFILL_LAYOUT else spec.layout
+                return script(prompt, spec.n_workers, layout, protocol, []).prompt
             except Exception:  # an engine without the renderer: fall back to the messages
                 pass
         return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
@@ -394,7 +437,7 @@ def make_row(
         score=score,
         samples=samples,
         tokens=sum(run.generated_tokens for run in runs),
-        forward_passes=max(run.steps for run in runs),
+        forward_passes=max(run.forward_passes for run in runs),
         forward_tokens=sum(run.forward_tokens for run in runs),
         wall_s=max(run.wall_s for run in runs),
         finish_reason=",".join(sorted({run.finish_reason for run in runs})),

@@ -27,7 +27,7 @@ from hogwild_agents.errors import EvalError
 from hogwild_agents.evaluation.datasets import Problem
 from hogwild_agents.evaluation.grid import Config, RunSpec
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS problems (
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     problem TEXT NOT NULL, protocol TEXT NOT NULL, protocol_hash TEXT NOT NULL, n_workers INTEGER NOT NULL,
     layout TEXT NOT NULL, budget INTEGER NOT NULL, seed INTEGER NOT NULL, sample INTEGER NOT NULL,
     run_seed INTEGER NOT NULL,
-    answer TEXT, generated_tokens INTEGER NOT NULL, steps INTEGER NOT NULL, forward_tokens INTEGER NOT NULL,
+    answer TEXT, generated_tokens INTEGER NOT NULL, forward_passes INTEGER NOT NULL,
+    forward_tokens INTEGER NOT NULL,
     wall_s REAL NOT NULL, finish_reason TEXT NOT NULL, transcript BLOB NOT NULL,
     PRIMARY KEY (problem, protocol, protocol_hash, n_workers, layout, budget, seed, sample));
 CREATE TABLE IF NOT EXISTS results (
@@ -64,7 +65,7 @@ class RunRecord:
     run_seed: int  # the sampling seed the engine was given
     answer: str | None
     generated_tokens: int  # sampled by all workers together
-    steps: int  # forward passes of the decode loop (finisher included, prefill not)
+    forward_passes: int  # forwards after the prompt (headers, re-prefills and the finisher included)
     forward_tokens: int  # every token the model processed
     wall_s: float  # from the run's own start to its own end
     finish_reason: str
@@ -189,7 +190,7 @@ class ResultStore:
             record.run_seed,
             record.answer,
             record.generated_tokens,
-            record.steps,
+            record.forward_passes,
             record.forward_tokens,
             record.wall_s,
             record.finish_reason,
@@ -200,8 +201,8 @@ class ResultStore:
 
     def run(self, problem: str, spec: RunSpec) -> RunRecord:
         query = (
-            "SELECT run_seed, answer, generated_tokens, steps, forward_tokens, wall_s, finish_reason "
-            f"FROM runs WHERE {_WHERE}"
+            "SELECT run_seed, answer, generated_tokens, forward_passes, forward_tokens, wall_s, "
+            f"finish_reason FROM runs WHERE {_WHERE}"
         )
         row = self.db.execute(query, (problem, *astuple(spec))).fetchone()
         if row is None:
