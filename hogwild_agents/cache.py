@@ -179,6 +179,14 @@ class KVPool:
         for page in range(old, pages):
             heapq.heappush(self._free, page)
 
+    def copy_pages(self, source: Sequence[int], target: Sequence[int]) -> None:
+        """Copy the K/V of pages `source` into pages `target` (all layers)."""
+        if source:
+            src = torch.tensor(list(source), dtype=torch.long, device=self.k.device)
+            dst = torch.tensor(list(target), dtype=torch.long, device=self.k.device)
+            self.k[:, :, dst] = self.k[:, :, src]
+            self.v[:, :, dst] = self.v[:, :, src]
+
     # ---- the one write path --------------------------------------------------------------------
     def write(
         self,
@@ -325,6 +333,16 @@ class RunCache:
         self.write_block(SHARED, 0, step.token_ids, k, v)
         self.pool.release(step.pages)
         self.blocks[STEPS][slot] = Block()
+
+    def fork(self) -> RunCache:
+        """A copy of every block in new pages of the same pool: writing to one leaves the other as it is."""
+        twin = RunCache(self.pool, len(self.blocks[STEPS]), len(self.blocks[HEADERS]))
+        for group, blocks in enumerate(self.blocks):
+            for slot, block in enumerate(blocks):
+                pages = self.pool.allocate(len(block.pages))
+                self.pool.copy_pages(block.pages, pages)
+                twin.blocks[group][slot] = Block(pages, block.length, list(block.token_ids))
+        return twin
 
     def release(self) -> None:
         """Give every page back to the pool; the cache is empty afterwards."""

@@ -14,10 +14,11 @@ its forwards.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
@@ -370,6 +371,47 @@ class HogwildRun:
                 f"Worker {worker} ({state.name}) has finished ({state.finish_reason}); it takes no tokens."
             )
         state.forced.extend(self.engine.check_ids_or_encode(token_ids, "force"))  # text: untrusted
+
+    # ---- forks and checkpoints ---------------------------------------------------------------------
+    def fork(self) -> HogwildRun:
+        """An independent copy of the run between two steps: its cache copied into new pages of the
+        same pool, its workers' state and its random stream, so that stepping one leaves the other as
+        it was. The copy has no hooks or listeners (its logits processors are the same objects); close
+        it when done. Refused while a tool call is running."""
+        if any(w.waiting_calls for w in self.workers):
+            raise RuntimeError("A run cannot be forked while a tool call is running; fork between calls.")
+        twin = copy.copy(self)
+        twin.cache = self.cache.fork()
+        lists = ("stream", "pending", "step_ids", "forced", "header_due", "calls")
+        twin.workers = [replace(w, **{name: list(getattr(w, name)) for name in lists}) for w in self.workers]
+        twin._generator = torch.Generator()
+        twin._generator.set_state(self._generator.get_state())
+        twin.trace, twin.tool_calls = list(self.trace), list(self.tool_calls)
+        twin._listeners, twin._hooks = [], Hooks()
+        twin._owns_tool_runner, twin._private_pages = False, 0
+        twin._logits_processors = [list(p) for p in self._logits_processors]
+        return twin
+
+    def stops_at(self, cap: int) -> bool:
+        """Whether a run capped at `cap` forward passes would have stopped its workers at the step just
+        taken: the moment to read its answer at that budget (`answer_at`)."""
+        return self._setup_done and not self._concluding and self._forward_cap_near(cap)
+
+    def answer_at(self, cap: int) -> HogwildResult:
+        """The result this run would have given with `max_forward_passes=cap`, read on a fork (this run
+        goes on unchanged): every worker stops here and the finisher answers inside the cap. Call it
+        after the step at which `stops_at(cap)` first holds (then it equals the capped run's result)."""
+        twin = self.fork()
+        try:
+            twin.limits = replace(self.limits, max_forward_passes=cap)
+            for worker in twin.workers:
+                if not worker.finished:
+                    twin._finish(worker, "length")
+                    worker.waiting_calls, worker.waiting = [], None
+            twin._drive(twin._conclude())
+            return twin.result()
+        finally:
+            twin.close()
 
     # ---- programs --------------------------------------------------------------------------------
     def program(self, controller: RunController | None = None) -> RunProgram[HogwildResult]:
@@ -734,10 +776,10 @@ class HogwildRun:
         ):
             worker.closing = True
 
-    def _forward_cap_near(self) -> bool:
-        """Only the forwards that end the run are left under `max_forward_passes`: one that feeds the
-        tokens just chosen and, with a finisher, the forced finisher and its answer."""
-        cap = self.limits.max_forward_passes
+    def _forward_cap_near(self, cap: int | None = None) -> bool:
+        """Only the forwards that end the run are left under `cap` (default `max_forward_passes`): one
+        that feeds the tokens just chosen and, with a finisher, the forced finisher and its answer."""
+        cap = self.limits.max_forward_passes if cap is None else cap
         if cap is None:
             return False
         ending = 1 + (1 + FINISHER_TOKENS if self.script.finisher else 0)

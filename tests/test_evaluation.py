@@ -544,3 +544,37 @@ def test_every_method_stays_within_its_forward_pass_budget(tiny_engines, tmp_pat
         EvalSettings(budgets=(1,)).check(configs)
     with pytest.raises(EvalError, match="budget-unit"):
         EvalSettings(budgets=(8,), budget_unit="steps").check(configs)
+
+
+def test_checkpointed_budgets_give_the_answers_of_runs_stopped_at_each_budget(tiny_engines, tmp_path):
+    """One run per (problem, configuration, seed) read at every budget on its way: each budget's stored
+    run equals a run capped there with the same seed (answer, tokens and forward passes)."""
+    engine = CountingEngine(tiny_engines["llama"], many=True)
+    dataset = Dataset("tiny", PROBLEMS[:1])
+    configs = build_grid([1, 2], ["collaborate"], ["combined"], ["single", "vote", "msgpass"])
+    settings = EvalSettings(budgets=(36, 50, 80), checkpoints=True, temperature=0.8)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        checker = make_checker("auto", dataset)
+        rows = run_eval(engine, dataset, configs, settings, store, checker, model="tiny", progress=False)
+        stored = [(c.key, b, c.runs(b)) for c in store.configs() for b in (36, 50, 80)]
+        runs = {(key, b): [store.run("a", spec) for spec in specs] for key, b, specs in stored}
+        assert store.meta()["checkpoints"] == "True"
+    assert len(engine.calls) == 4  # single (= vote sample 0), vote sample 1, hogwild, msgpass: once each
+    assert len(rows) == len(configs) * 3
+    protocol = Protocol("collaborate")
+    for (key, budget), records in runs.items():
+        for record in records:
+            spec = record.spec
+            capped = tiny_engines["llama"].generate(
+                [{"role": "user", "content": PROBLEMS[0].question}], n_workers=spec.n_workers,
+                layout=spec.layout, protocol=protocol, max_new_tokens=budget, max_forward_passes=budget,
+                temperature=0.8, seed=spec.run_seed("a", checkpointed=True),
+            )  # fmt: skip
+            assert record.run_seed == spec.run_seed("a", checkpointed=True)
+            assert (record.answer, record.generated_tokens, record.forward_passes) == (
+                capped.answer,
+                capped.usage.generated_tokens,
+                capped.forward_passes,
+            ), (key, budget)
+    with pytest.raises(EvalError, match="checkpoints"):
+        EvalSettings(budgets=(8,), budget_unit="tokens", checkpoints=True).check(configs)

@@ -143,3 +143,49 @@ def test_max_forward_passes_counts_injected_blocks_and_refuses_bad_caps(tiny_eng
     for bad in (1, 0, 2.5, "8"):
         with pytest.raises(InvalidArgumentError, match="max_forward_passes"):
             engine.start(PROMPT, max_forward_passes=bad)
+
+
+@pytest.mark.parametrize(("layout", "n_workers"), [("combined", 2), ("contiguous", 2), ("interleaved", 3)])
+def test_the_answer_at_a_checkpoint_is_the_capped_runs_answer(tiny_engines, layout, n_workers):
+    """Read on a fork at the step where a capped run would stop, the answer at each budget equals a run
+    capped there (same seed), token for token; the run it was read from goes on as if never forked."""
+    engine = tiny_engines["llama"]
+    options = dict(n_workers=n_workers, layout=layout, protocol="collaborate", temperature=0.8, seed=7)
+    caps = (36, 50, 75)
+    run = engine.start(MESSAGES, max_new_tokens=100, max_forward_passes=100, **options)
+    read = {}
+    while not run.done:
+        run.step()
+        for cap in caps:
+            if cap not in read and run.stops_at(cap):
+                read[cap] = run.answer_at(cap)
+    run.conclude()
+    assert set(read) == set(caps)
+    untouched = engine.generate(MESSAGES, max_new_tokens=100, max_forward_passes=100, **options)
+    assert [w.token_ids for w in run.result().workers] == [w.token_ids for w in untouched.workers]
+    for cap, result in read.items():
+        capped = engine.generate(MESSAGES, max_new_tokens=cap, max_forward_passes=cap, **options)
+        assert [w.token_ids for w in result.workers] == [w.token_ids for w in capped.workers]
+        assert (result.final_text, result.forward_passes) == (capped.final_text, capped.forward_passes)
+        assert result.forward_passes <= cap
+
+
+def test_a_fork_is_independent_and_gives_its_pages_back(tiny_engines):
+    engine = tiny_engines["llama"]
+    run = engine.start(PROMPT, n_workers=2, max_new_tokens=20, temperature=1.0, seed=3)
+    for _ in range(5):
+        run.step()
+    in_use = run.pool.pages_in_use
+    twin = run.fork()
+    assert run.pool.pages_in_use == 2 * in_use
+    for _ in range(6):
+        twin.step()
+    alone = engine.start(PROMPT, n_workers=2, max_new_tokens=20, temperature=1.0, seed=3)
+    for _ in range(11):
+        alone.step()
+    for _ in range(6):
+        run.step()
+    streams = [w.stream for w in alone.workers]
+    assert [w.stream for w in run.workers] == [w.stream for w in twin.workers] == streams
+    twin.close()
+    assert run.pool.pages_in_use == run.cache.pages_held

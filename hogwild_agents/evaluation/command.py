@@ -66,6 +66,13 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         "(one x-grid); tokens: tokens each worker writes (default forwards)",
     )
     ev.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="one run per problem, configuration and seed, capped at the largest budget and read at "
+        "each smaller one on its way (the finisher forced on a fork of its cache): the same answers as "
+        "separate capped runs, for the cost of the largest",
+    )
+    ev.add_argument(
         "--baselines",
         default=",".join(BASELINES),
         help="single (one worker), vote (N independent samples, majority vote), msgpass (idealised "
@@ -214,6 +221,7 @@ def _eval(args: argparse.Namespace) -> int:
         interjection_period=args.interjection_period,
         budget_unit=args.budget_unit,
         sync_every=args.sync_every,
+        checkpoints=args.checkpoints,
     )
     settings.check(configs)
     for name in {c.protocol for c in configs}:

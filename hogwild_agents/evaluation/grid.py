@@ -49,11 +49,13 @@ class RunSpec:
     seed: int  # the replicate seed
     sample: int  # the vote sample (0 for every other method)
 
-    def run_seed(self, problem: str) -> int:
+    def run_seed(self, problem: str, checkpointed: bool = False) -> int:
         """The sampling seed of this run of `problem`: a hash of everything that identifies the run, so
-        replicates, vote samples and problems draw from independent streams."""
+        replicates, vote samples and problems draw from independent streams. `checkpointed`: the budget
+        left out (one run is read at every budget on its way)."""
+        budget = "checkpointed" if checkpointed else self.budget
         key = json.dumps(
-            [self.seed, self.protocol, self.protocol_hash, self.n_workers, self.layout, self.budget,
+            [self.seed, self.protocol, self.protocol_hash, self.n_workers, self.layout, budget,
              self.sample, problem]
         )  # fmt: skip
         return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") >> 2

@@ -1,16 +1,17 @@
 """The eval loop: every problem x configuration x budget x replicate seed, many problems per engine
 call, resumable.
 
-Each budget is its own run capped at `budget` forward passes (`max_forward_passes`: every forward after
-the prompt counts, headers, interjections, re-prefills and the finisher's answer included), so every
-method lands on one x-grid; with `budget_unit="tokens"` the cap is instead the tokens each worker writes
-(`max_new_tokens`). When a run ends without an answer the protocol's finisher makes one worker answer
-("answer if stopped now", as in the paper), inside the cap. The answer is the protocol's final-answer
-extraction (`HogwildResult.answer`). Runs are stored as they finish and rows as soon as their runs are
-in, so an interrupted eval resumes where it stopped: rows already present are skipped, runs already
-present are reused. The settings every row depends on are checked against the database before the engine
-is loaded (`engine` may be a loader: a callable without `generate`, called only once the check has
-passed).
+Each budget is its own run (or, with `checkpoints`, one run per problem, configuration and seed is read
+at every budget on its way: `HogwildRun.answer_at` on a fork of its cache) capped at `budget` forward
+passes (`max_forward_passes`: every forward after the prompt counts, headers, interjections, re-prefills
+and the finisher's answer included), so every method lands on one x-grid; with `budget_unit="tokens"`
+the cap is instead the tokens each worker writes (`max_new_tokens`). When a run ends without an answer
+the protocol's finisher makes one worker answer ("answer if stopped now", as in the paper), inside the
+cap. The answer is the protocol's final-answer extraction (`HogwildResult.answer`). Runs are stored as
+they finish and rows as soon as their runs are in, so an interrupted eval resumes where it stopped: rows
+already present are skipped, runs already present are reused. The settings every row depends on are
+checked against the database before the engine is loaded (`engine` may be a loader: a callable without
+`generate`, called only once the check has passed).
 
 Wall time is measured per run, from its own start to its own end inside the batch (engines with
 `submit`); a vote's samples run side by side, so a vote counts the forward passes AND the wall time of
@@ -69,6 +70,7 @@ class EvalSettings:
     device: str = "auto"
     budget_unit: str = "forwards"
     sync_every: int = SYNC_EVERY
+    checkpoints: bool = False  # one run per (problem, configuration, seed), read at every budget
 
     def check(self, configs: Sequence[Config]) -> None:
         if self.budget_unit not in BUDGET_UNITS:
@@ -82,6 +84,8 @@ class EvalSettings:
             )
         if self.sync_every < 1:
             raise EvalError(f"--sync-every must be at least 1, got {self.sync_every}.")
+        if self.checkpoints and self.budget_unit != "forwards":
+            raise EvalError("--checkpoints reads forward-pass budgets; drop --budget-unit tokens or it.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise EvalError(f"--seeds must list distinct replicate seeds, got {list(self.seeds)}.")
         if self.batch_size < 1:
@@ -112,14 +116,36 @@ class _Clock:
         self.ended = time.perf_counter()
 
 
-def run_batch(engine: Any, jobs: Sequence[tuple[Any, dict[str, Any]]]) -> list[tuple[HogwildResult, float]]:
+class _Checkpoints(_Clock):
+    """A clock that also reads the run's answer at each smaller forward-pass budget on its way
+    (`HogwildRun.answer_at` on a fork, at the step where a run with that cap would stop)."""
+
+    def __init__(self, budgets: Sequence[int]) -> None:
+        super().__init__()
+        self.pending = sorted(budgets)
+        self.results: dict[int, tuple[HogwildResult, float]] = {}
+
+    def after_step(self, run: Any, record: Any) -> bool:
+        for budget in [b for b in self.pending if run.stops_at(b)]:
+            self.pending.remove(budget)
+            result = run.answer_at(budget)
+            self.results[budget] = (result, time.perf_counter() - (self.started or 0.0))
+        return False
+
+
+def run_batch(
+    engine: Any, jobs: Sequence[tuple[Any, dict[str, Any]]], clocks: Sequence[_Clock] | None = None
+) -> list[tuple[HogwildResult, float]]:
     """Run every (prompt, options) job; returns (result, wall seconds) per job, in order.
 
     With `engine.submit` every job is queued at once (their forwards shared) and each one's wall time
-    runs from its own start to its own end; else `engine.generate` runs them one after another."""
+    runs from its own start to its own end (`clocks`: the controllers that time them, one per job);
+    else `engine.generate` runs them one after another."""
     submit = getattr(engine, "submit", None)
+    if clocks is not None and submit is None:
+        raise EvalError("Checkpointed budgets need an engine with `submit` (a HogwildEngine).")
     if submit is not None:
-        clocks = [_Clock() for _ in jobs]
+        clocks = list(clocks) if clocks is not None else [_Clock() for _ in jobs]
         queued = time.perf_counter()
         handles = [
             submit(prompt, controller=clock, **options)
@@ -224,6 +250,7 @@ def eval_meta(dataset: Dataset, settings: EvalSettings, checker: Checker, model:
         "batch_size": settings.batch_size,
         "budget_unit": settings.budget_unit,
         "sync_every": settings.sync_every,
+        "checkpoints": settings.checkpoints,
         "version": package_version(),
     }
     if settings.interjection_period is not None:
@@ -319,22 +346,47 @@ class _Work:
         if jobs:
             self.report(_describe(next(iter(jobs))[1]))
             batched = {key: p for key, p in jobs.items() if key[1].layout != REPREFILL_LAYOUT}
-            batch = [
-                ([{"role": "user", "content": problem.question}], self._options(spec, problem))
-                for (_, spec), problem in batched.items()
-            ]
-            for ((_, spec), problem), (prompt, options), (result, wall_s) in zip(
-                batched.items(), batch, run_batch(self.engine, batch), strict=True
-            ):
-                self._store_run(problem, spec, options["seed"], prompt, result, wall_s)
-                have.add((problem.id, spec))
-                self.advance(spec.budget)
+            if self.settings.checkpoints:
+                self._run_checkpointed(batched)
+            else:
+                batch = [
+                    ([{"role": "user", "content": problem.question}], self._options(spec, problem))
+                    for (_, spec), problem in batched.items()
+                ]
+                for ((_, spec), problem), (prompt, options), (result, wall_s) in zip(
+                    batched.items(), batch, run_batch(self.engine, batch), strict=True
+                ):
+                    self._store_run(problem, spec, options["seed"], prompt, result, wall_s)
+            for key in batched:
+                have.add(key)
+                self.advance(key[1].budget)
             for (_, spec), problem in jobs.items():
                 if spec.layout == REPREFILL_LAYOUT:  # agents in their own sequences, one run at a time
                     self._run_reprefill(problem, spec)
                     have.add((problem.id, spec))
                     self.advance(spec.budget)
         self._store_rows(chunk, have)
+
+    def _run_checkpointed(self, jobs: dict[tuple[str, RunSpec], Problem]) -> None:
+        """One run per (problem, spec but its budget), capped at the largest budget needed and read at
+        the smaller ones on its way; each budget stored as its own run."""
+        groups: dict[tuple[str, RunSpec], list[RunSpec]] = {}
+        for problem_id, spec in jobs:
+            groups.setdefault((problem_id, replace(spec, budget=0)), []).append(spec)
+        mains, batch, clocks = [], [], []
+        for (problem_id, _), specs in groups.items():
+            specs.sort(key=lambda spec: spec.budget)
+            problem = jobs[problem_id, specs[-1]]
+            mains.append((problem, specs))
+            batch.append(([{"role": "user", "content": problem.question}], self._options(specs[-1], problem)))
+            clocks.append(_Checkpoints([spec.budget for spec in specs[:-1]]))
+        timed = run_batch(self.engine, batch, clocks)
+        for (problem, specs), (prompt, options), (result, wall_s), clock in zip(
+            mains, batch, timed, clocks, strict=True
+        ):
+            for spec in specs:  # a budget the run never reached: it ended first, as the capped run would
+                at, at_wall = clock.results.get(spec.budget, (result, wall_s))
+                self._store_run(problem, spec, options["seed"], prompt, at, at_wall)
 
     def _run_reprefill(self, problem: Problem, spec: RunSpec) -> None:
         """The re-prefill message-passing baseline's run of `problem` (its own driver), stored."""
@@ -355,7 +407,7 @@ class _Work:
             max_new_tokens=spec.budget,  # by forwards too: a worker writes at most one token per forward
             temperature=self.settings.temperature,
             top_p=self.settings.top_p,
-            seed=spec.run_seed(problem.id),
+            seed=spec.run_seed(problem.id, self.settings.checkpoints and spec.layout != REPREFILL_LAYOUT),
             attention=self.settings.attention,
         )
         if self.settings.budget_unit == "forwards":
