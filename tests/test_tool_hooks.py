@@ -104,10 +104,13 @@ def test_the_caller_pauses_while_others_keep_writing(tiny_engines):
         run.step()
     assert run.workers[0].generated == before[0]  # paused
     assert run.workers[1].generated == before[1] + 3  # not paused
+    with pytest.raises(RuntimeError, match="cannot be forked while a tool call is running"):
+        run.fork()
     release.set()
     run.workers[0].waiting.future.result(timeout=5)
     run.step()
     assert run.workers[0].waiting is None and run.tool_calls[0].result == "done"
+    run.fork().close()  # between calls: allowed
 
 
 def result_of(engine, tools, text: str, timeout_s: float = 5.0) -> str:
