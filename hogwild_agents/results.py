@@ -93,6 +93,12 @@ class Usage:
     prompt_tokens: int  # the shared prompt, counted once
     generated_tokens: int  # sampled by all workers together
     forward_tokens: int  # every token the model processed (prompt, headers, generated, injected)
+    reused_tokens: int = 0  # prompt tokens taken from the engine's prefix cache (not processed)
+
+    @property
+    def tokens_after_prompt(self) -> int:
+        """Tokens the model processed beyond the prompt's prefill (headers, generated, injected)."""
+        return self.forward_tokens - (self.prompt_tokens - self.reused_tokens)
 
     @property
     def total_tokens(self) -> int:

@@ -904,7 +904,12 @@ class HogwildRun:
             answer=answer,
             workers=workers,
             shared_text=self.engine.decode(self.cache.token_ids(SHARED)),
-            usage=Usage(self.prompt_tokens, sum(w.generated for w in self.workers), self.forward_tokens),
+            usage=Usage(
+                self.prompt_tokens,
+                sum(w.generated for w in self.workers),
+                self.forward_tokens,
+                self.reused_tokens,
+            ),
             steps=self.steps_taken,
             finish_reason=next((r for r in ("cancelled", "timeout", "length") if r in reasons), "stop"),
             trace=list(self.trace),

@@ -3,8 +3,8 @@ the CSV / Parquet export of a results database (`hogwild eval-report DB --csv FI
 
 One row per (problem, configuration, budget, seed), with the configuration's method, workers, protocol,
 protocol fingerprint and layout, the reference and extracted answers, correctness, score, tokens,
-forward passes, forward tokens, wall seconds and finish reason. pandas (the `eval` extra) is imported
-only here; Parquet also needs pyarrow.
+forward passes, forward tokens (processed after the prompt), wall seconds and finish reason. pandas
+(the `eval` extra) is imported only here; Parquet also needs pyarrow.
 """
 
 from __future__ import annotations

@@ -223,6 +223,7 @@ def combine(results: Sequence[HogwildResult], names: Sequence[str], order: Seque
             sum(r.usage.prompt_tokens for r in results),
             sum(r.usage.generated_tokens for r in results),
             sum(r.usage.forward_tokens for r in results),
+            sum(r.usage.reused_tokens for r in results),
         ),
         steps=max(r.steps for r in results),
         finish_reason=finish,

@@ -99,37 +99,62 @@ class EvalSettings:
             )
 
 
-class _Clock:
-    """A run controller that records when its run starts and ends."""
+class ForkTime:
+    """Seconds the batch's checkpoint forks have taken so far: a fork runs alone in the driver thread
+    and stalls every run of the batch, so the runs' wall times leave it out."""
 
     def __init__(self) -> None:
+        self.total = 0.0
+
+
+class _Clock:
+    """A run controller that records when its run starts and ends, less the checkpoint forks' time
+    (of any run of the batch) in between."""
+
+    def __init__(self, forks: ForkTime | None = None) -> None:
+        self.forks = forks or ForkTime()
         self.started: float | None = None
         self.ended: float | None = None
+        self._forks_at_start = 0.0
+        self._forks_at_end: float | None = None
 
     def start(self, run: Any) -> None:
         self.started = time.perf_counter()
+        self._forks_at_start = self.forks.total
 
     def after_step(self, run: Any, record: Any) -> bool:
         return False
 
     def finish(self, run: Any, stopped: bool) -> None:
         self.ended = time.perf_counter()
+        self._forks_at_end = self.forks.total
+
+    def elapsed(self, now: float, queued: float) -> float:
+        """Wall seconds from the run's start to its end (or `now`), checkpoint forks left out."""
+        until = self.forks.total if self._forks_at_end is None else self._forks_at_end
+        forks = until - self._forks_at_start
+        return (self.ended or now) - (self.started or queued) - forks
 
 
 class _Checkpoints(_Clock):
     """A clock that also reads the run's answer at each smaller forward-pass budget on its way
-    (`HogwildRun.answer_at` on a fork, at the step where a run with that cap would stop)."""
+    (`HogwildRun.answer_at` on a fork, at the step where a run with that cap would stop). A budget's
+    wall time is the run's own time up to there plus its fork's."""
 
-    def __init__(self, budgets: Sequence[int]) -> None:
-        super().__init__()
+    def __init__(self, budgets: Sequence[int], forks: ForkTime) -> None:
+        super().__init__(forks)
         self.pending = sorted(budgets)
         self.results: dict[int, tuple[HogwildResult, float]] = {}
 
     def after_step(self, run: Any, record: Any) -> bool:
         for budget in [b for b in self.pending if run.stops_at(b)]:
             self.pending.remove(budget)
+            before = time.perf_counter()
+            so_far = self.elapsed(before, before)
             result = run.answer_at(budget)
-            self.results[budget] = (result, time.perf_counter() - (self.started or 0.0))
+            fork_s = time.perf_counter() - before
+            self.forks.total += fork_s
+            self.results[budget] = (result, so_far + fork_s)
         return False
 
 
@@ -158,10 +183,7 @@ def run_batch(
                 handle.cancel()
             raise
         now = time.perf_counter()
-        return [
-            (result, (clock.ended or now) - (clock.started or queued))
-            for result, clock in zip(results, clocks, strict=True)
-        ]
+        return [(result, clock.elapsed(now, queued)) for result, clock in zip(results, clocks, strict=True)]
     timed = []
     for prompt, options in jobs:
         start = time.perf_counter()
@@ -373,13 +395,13 @@ class _Work:
         groups: dict[tuple[str, RunSpec], list[RunSpec]] = {}
         for problem_id, spec in jobs:
             groups.setdefault((problem_id, replace(spec, budget=0)), []).append(spec)
-        mains, batch, clocks = [], [], []
+        mains, batch, clocks, forks = [], [], [], ForkTime()
         for (problem_id, _), specs in groups.items():
             specs.sort(key=lambda spec: spec.budget)
             problem = jobs[problem_id, specs[-1]]
             mains.append((problem, specs))
             batch.append(([{"role": "user", "content": problem.question}], self._options(specs[-1], problem)))
-            clocks.append(_Checkpoints([spec.budget for spec in specs[:-1]]))
+            clocks.append(_Checkpoints([spec.budget for spec in specs[:-1]], forks))
         timed = run_batch(self.engine, batch, clocks)
         for (problem, specs), (prompt, options), (result, wall_s), clock in zip(
             mains, batch, timed, clocks, strict=True
@@ -431,7 +453,7 @@ class _Work:
             answer=answer,
             generated_tokens=result.usage.generated_tokens,
             forward_passes=result.forward_passes,
-            forward_tokens=result.usage.forward_tokens,
+            forward_tokens=result.usage.tokens_after_prompt,
             wall_s=wall_s,
             finish_reason=result.finish_reason,
         )

@@ -66,7 +66,7 @@ class RunRecord:
     answer: str | None
     generated_tokens: int  # sampled by all workers together
     forward_passes: int  # forwards after the prompt (headers, re-prefills and the finisher included)
-    forward_tokens: int  # every token the model processed
+    forward_tokens: int  # tokens the model processed after the prompt (its prefill left out)
     wall_s: float  # from the run's own start to its own end
     finish_reason: str
 
